@@ -1,0 +1,161 @@
+"""The model contract: placeholders, labels, generation paths, checkpoints, quantization, LoRA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from vlm.checkpoint import load_checkpoint, save_checkpoint
+from vlm.errors import CheckpointError, InputError
+from vlm.generation import GenerationConfig, generate_ids, prepare
+from vlm.model import MedVLM
+from vlm.prompts import IGNORE_INDEX
+
+
+def _image(seed: int) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(40, 48, generator=g) * 255).to(torch.uint8).numpy())
+
+
+def _ask(text: str) -> list[dict]:
+    return [{"role": "user", "content": f"<image>\n{text}"}]
+
+
+def test_placeholder_count_mismatch_raises_clear_error(tiny_model):
+    encoded = tiny_model.prompts.encode(_ask("Is the heart enlarged?"), add_generation_prompt=True)
+    ids = torch.tensor([encoded.input_ids])
+    two_images = tiny_model.preprocess([_image(0), _image(1)])
+    with pytest.raises(InputError, match="placeholder mismatch.*1 image markers.*2 images"):
+        tiny_model(ids, pixel_values=two_images)
+    with pytest.raises(InputError, match="placeholder mismatch"):
+        tiny_model(ids, pixel_values=None)
+    # Generation checks markers against images before running the model.
+    with pytest.raises(InputError, match="1 <image> markers but 0 images"):
+        tiny_model.generate([_ask("Is the heart enlarged?")], [[]], max_new_tokens=2)
+
+
+def test_placeholders_expand_to_image_token_count(tiny_model):
+    messages = [{"role": "user", "content": "<image>\nCompare <image> with the prior."}]
+    encoded = tiny_model.prompts.encode(messages, add_generation_prompt=True)
+    assert encoded.input_ids.count(tiny_model.image_token_id) == 2 * tiny_model.num_image_tokens
+    assert encoded.num_images == 2
+
+
+def test_labels_are_ignored_exactly_on_non_assistant_positions(tiny_model):
+    tok = tiny_model.tokenizer
+    messages = [
+        {"role": "user", "content": "<image>\nIs the heart enlarged?"},
+        {"role": "assistant", "content": "Yes, there is cardiomegaly."},
+        {"role": "user", "content": "Is there a pleural effusion?"},
+        {"role": "assistant", "content": "No."},
+    ]
+    encoded = tiny_model.prompts.encode(messages)
+    ids, labels = torch.tensor(encoded.input_ids), torch.tensor(encoded.labels)
+    learned = labels != IGNORE_INDEX
+    assert torch.equal(labels[learned], ids[learned])
+    assert not learned[ids == tiny_model.image_token_id].any()
+    # Learned positions are the two replies with their end-of-turn tokens, and nothing else.
+    assert tok.decode(ids[learned]) == "Yes, there is cardiomegaly.<|im_end|>\nNo.<|im_end|>\n"
+    # Everything else (system prompt, user turns, role headers) is ignored.
+    rendered_without_replies = tok.decode(ids[~learned])
+    assert "You are a careful radiology assistant" in rendered_without_replies
+    assert "Is there a pleural effusion?" in rendered_without_replies
+    assert "cardiomegaly" not in rendered_without_replies
+
+
+def test_greedy_generation_with_cache_equals_without(tiny_model):
+    batch = prepare(tiny_model, [_ask("What imaging modality is this?")], [[_image(3)]])
+    with_cache = generate_ids(tiny_model, batch, GenerationConfig(max_new_tokens=12, use_cache=True))
+    without = generate_ids(tiny_model, batch, GenerationConfig(max_new_tokens=12, use_cache=False))
+    assert len(with_cache[0]) > 0
+    assert with_cache == without
+
+
+def test_mixed_length_batch_equals_one_by_one(tiny_model):
+    questions = ["Is there a pleural effusion in the left hemithorax?", "Modality?",
+                 "Which organ is shown in this image and is the heart enlarged or normal?"]
+    messages = [_ask(q) for q in questions]
+    images = [[_image(i)] for i in range(len(questions))]
+    gen = GenerationConfig(max_new_tokens=10)
+    batched = generate_ids(tiny_model, prepare(tiny_model, messages, images), gen)
+    lengths = {len(tiny_model.prompts.encode(m, add_generation_prompt=True).input_ids) for m in messages}
+    assert len(lengths) == 3, "prompts must differ in length for this test to mean anything"
+    single = [generate_ids(tiny_model, prepare(tiny_model, [m], [i]), gen)[0] for m, i in zip(messages, images)]
+    assert batched == single
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny_model):
+    batch = prepare(tiny_model, [_ask("Modality?")], [[_image(5)]])
+    gen = GenerationConfig(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7)
+    assert generate_ids(tiny_model, batch, gen) == generate_ids(tiny_model, batch, gen)
+
+
+def test_save_then_load_gives_identical_logits(tiny_config, tmp_path):
+    config = tiny_config.replace(language={"lora_r": 4}, projector={"pool": 2})
+    torch.manual_seed(1)
+    model = MedVLM.build(config)
+    # Move the LoRA B matrices off zero so the adapter actually changes the logits.
+    with torch.no_grad():
+        for name, p in model.llm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    batch = prepare(model, [_ask("Is the heart enlarged?")], [[_image(9)]])
+    folder = save_checkpoint(model, tmp_path / "ckpt")
+    assert {p.name for p in folder.iterdir()} >= {"config.json", "projector.safetensors", "vision.safetensors", "adapter", "MODEL_CARD.md"}
+    loaded = load_checkpoint(str(folder))
+    with torch.no_grad():
+        before = model(batch.input_ids, batch.attention_mask, batch.pixel_values).logits
+        after = loaded(batch.input_ids, batch.attention_mask, batch.pixel_values).logits
+        base = MedVLM.build(config.replace(language={"lora_r": 0}))
+        base.projector.load_state_dict(model.projector.state_dict())
+        base.vision.load_state_dict(model.vision.state_dict())
+        no_adapter = base(batch.input_ids, batch.attention_mask, batch.pixel_values).logits
+    assert torch.equal(before, after)
+    assert not torch.allclose(before, no_adapter), "the adapter must matter, else the test proves nothing"
+
+
+def test_damaged_checkpoint_fails_clearly(tiny_model, tmp_path):
+    folder = save_checkpoint(tiny_model, tmp_path / "ckpt")
+    (folder / "projector.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="damaged"):
+        load_checkpoint(str(folder))
+    (folder / "projector.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        load_checkpoint(str(folder))
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_checkpoint(str(tmp_path))
+
+
+def test_4bit_nf4_llm_loads_and_generates_on_cpu(tiny_config):
+    import bitsandbytes as bnb
+
+    model = MedVLM.build(tiny_config.replace(language={"quantization": "4bit"}))
+    linear4 = [m for m in model.llm.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert linear4 and all(m.weight.quant_type == "nf4" for m in linear4)
+    replies = model.generate([_ask("Modality?")], [[_image(2)]], max_new_tokens=6)
+    assert len(replies) == 1 and isinstance(replies[0], str)
+    ids = generate_ids(model, prepare(model, [_ask("Modality?")], [[_image(2)]]), GenerationConfig(max_new_tokens=6))
+    assert len(ids[0]) > 0
+
+
+def test_lora_step_after_generate_has_gradients_in_4bit(tiny_config):
+    """DESIGN's AVX512-BF16 trap: a no-grad forward must not make 4-bit LoRA untrainable."""
+    import bitsandbytes as bnb
+
+    model = MedVLM.build(tiny_config.replace(language={"quantization": "4bit", "lora_r": 4}))
+    # This machine may lack AVX512-BF16 (then the trap cannot fire here), so check the guard itself.
+    linear4 = [m for m in model.llm.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert linear4 and all(m.support_avx512bf16_for_cpu is False for m in linear4)
+    model.generate([_ask("Modality?")], [[_image(4)]], max_new_tokens=3)
+    model.train()
+    messages = _ask("Is the heart enlarged?") + [{"role": "assistant", "content": "Yes."}]
+    encoded = model.prompts.encode(messages)
+    out = model(torch.tensor([encoded.input_ids]), pixel_values=model.preprocess([_image(4)]),
+                labels=torch.tensor([encoded.labels]))
+    out.loss.backward()
+    lora = [(n, p) for n, p in model.llm.named_parameters() if "lora_" in n]
+    assert lora and all(p.requires_grad for _, p in lora)
+    missing = [n for n, p in lora if p.grad is None]
+    assert not missing, f"LoRA parameters without gradient: {missing[:3]}"
+    assert any(p.grad.abs().sum() > 0 for n, p in lora if "lora_B" in n)

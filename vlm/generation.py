@@ -1,0 +1,157 @@
+"""The one generation path: batched (left-padded) greedy or sampled decoding, with a KV cache,
+as a token-step iterator that `generate` collects and `stream` turns into text deltas."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from PIL import Image
+
+from vlm.errors import ConfigError, InputError
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    """0 means greedy decoding (evaluation always uses it)."""
+    top_p: float = 1.0
+    seed: int | None = None
+    use_cache: bool = True
+    """Off recomputes the whole sequence every step (only useful to check the cache)."""
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}.")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError("temperature must be >= 0 and top_p in (0, 1].")
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pixel_values: torch.Tensor | None
+
+
+def prepare(model, messages_batch: list[list[dict]], images: list[list[Image.Image]]) -> Batch:
+    """Encode conversations (ending at the assistant's turn) and images into a left-padded batch."""
+    if len(messages_batch) != len(images):
+        raise ConfigError("give one list of images per conversation.")
+    sequences = []
+    for messages, imgs in zip(messages_batch, images):
+        encoded = model.prompts.encode(messages, add_generation_prompt=True)
+        if encoded.num_images != len(imgs):
+            raise InputError(
+                f"the conversation has {encoded.num_images} {model.config.image_marker} markers but {len(imgs)} images."
+            )
+        sequences.append(encoded.input_ids)
+    ids, mask = left_pad(sequences, model.tokenizer.pad_token_id)
+    flat = [img for imgs in images for img in imgs]
+    pixels = model.preprocess(flat) if flat else None
+    return Batch(ids.to(model.device), mask.to(model.device), pixels)
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+def stop_token_ids(model) -> set[int]:
+    ids = {model.tokenizer.eos_token_id}
+    configured = getattr(getattr(model.llm, "generation_config", None), "eos_token_id", None)
+    ids |= set(configured) if isinstance(configured, (list, tuple)) else {configured}
+    return {i for i in ids if i is not None}
+
+
+@torch.no_grad()
+def decode_steps(model, batch: Batch, gen: GenerationConfig) -> Iterator[torch.Tensor]:
+    """Yield the next token of every sequence, step by step, until all stop or the budget ends.
+
+    A finished sequence keeps yielding the pad id; callers cut each sequence at its first stop token.
+    """
+    stops = torch.tensor(sorted(stop_token_ids(model)), device=batch.input_ids.device)
+    generator = torch.Generator(device="cpu").manual_seed(gen.seed) if gen.seed is not None else None
+    ids, mask = batch.input_ids, batch.attention_mask
+    out = model(ids, attention_mask=mask, pixel_values=batch.pixel_values,
+                position_ids=_positions(mask), use_cache=gen.use_cache)
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    for _ in range(gen.max_new_tokens):
+        token = _choose(out.logits[:, -1, :].float(), gen, generator)
+        token = token.masked_fill(finished, model.tokenizer.pad_token_id)
+        yield token
+        finished |= torch.isin(token, stops)
+        if bool(finished.all()):
+            return
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        if gen.use_cache:
+            position = _positions(mask)[:, -1:]
+            out = model.llm(input_ids=token[:, None], attention_mask=mask, position_ids=position,
+                            past_key_values=out.past_key_values, use_cache=True)
+        else:
+            out = model(ids, attention_mask=mask, pixel_values=batch.pixel_values,
+                        position_ids=_positions(mask), use_cache=False)
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    # Left padding shifts every real token; positions count only real tokens.
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _choose(logits: torch.Tensor, gen: GenerationConfig, generator) -> torch.Tensor:
+    if gen.temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / gen.temperature, dim=-1)
+    if gen.top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < gen.top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs * keep)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+def generate_ids(model, batch: Batch, gen: GenerationConfig) -> list[list[int]]:
+    """Generated token ids per sequence, cut before the first stop token."""
+    stops = stop_token_ids(model)
+    steps = [token.tolist() for token in decode_steps(model, batch, gen)]
+    results = []
+    for row in range(batch.input_ids.shape[0]):
+        seq = []
+        for step in steps:
+            if step[row] in stops:
+                break
+            seq.append(step[row])
+        results.append(seq)
+    return results
+
+
+def generate(model, messages_batch, images, gen: GenerationConfig = GenerationConfig()) -> list[str]:
+    """Replies (text) to a batch of conversations, one list of PIL images per conversation."""
+    batch = prepare(model, messages_batch, images)
+    return [model.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in generate_ids(model, batch, gen)]
+
+
+def stream(model, messages: list[dict], images: list[Image.Image], gen: GenerationConfig = GenerationConfig()) -> Iterator[str]:
+    """Text deltas of one reply as they are decoded."""
+    batch = prepare(model, [messages], [images])
+    stops = stop_token_ids(model)
+    ids: list[int] = []
+    shown = ""
+    for token in decode_steps(model, batch, gen):
+        if int(token[0]) in stops:
+            break
+        ids.append(int(token[0]))
+        text = model.tokenizer.decode(ids, skip_special_tokens=True)
+        # Hold back an incomplete multi-byte character until its last byte arrives.
+        if text.endswith("\ufffd"):
+            continue
+        if len(text) > len(shown) and text.startswith(shown):
+            yield text[len(shown):]
+            shown = text

@@ -1,0 +1,118 @@
+"""MedVLM: encode images -> project -> scatter into the LLM's input embeddings -> LM.
+
+The image features replace the placeholder positions of the prompt with `masked_scatter`
+(transformers' LLaVA convention); the number of placeholder positions must equal the number of
+image feature vectors, or a clear error is raised. Nothing splices sequences by hand.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from vlm.config import MedVLMConfig
+from vlm.errors import InputError
+from vlm.language import attach_lora, load_language_model
+from vlm.projector import Projector
+from vlm.prompts import PromptEncoder
+from vlm.vision import VisionTower, load_vision_tower
+
+
+class MedVLM(nn.Module):
+    def __init__(self, config: MedVLMConfig, vision: VisionTower, projector: Projector, llm: nn.Module, tokenizer):
+        super().__init__()
+        self.config = config
+        self.vision = vision
+        self.projector = projector
+        self.llm = llm
+        self.tokenizer = tokenizer
+        # The placeholder is a token the tokenizer knows but the embedding table need not have:
+        # its positions are overwritten by image features, so they are looked up as id 0.
+        tokenizer.add_tokens([config.image_marker], special_tokens=True)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(config.image_marker)
+        self.prompts = PromptEncoder(
+            tokenizer, config.image_marker, self.image_token_id, projector.num_output_tokens(), config.system_prompt
+        )
+
+    @classmethod
+    def build(cls, config: MedVLMConfig, device: str | torch.device = "cpu", adapter_dir: str | Path | None = None,
+              lora_trainable: bool = False) -> "MedVLM":
+        """Load the frozen bases named in `config`, a fresh projector, and LoRA (saved or fresh)."""
+        config.validate()
+        vision = load_vision_tower(config.vision)
+        llm, tokenizer = load_language_model(config.language, device)
+        if adapter_dir is not None:
+            llm = attach_lora(llm, config.language, adapter_dir=adapter_dir, trainable=lora_trainable)
+        elif config.language.lora_r > 0:
+            llm = attach_lora(llm, config.language)
+        hidden = llm.get_input_embeddings().embedding_dim
+        projector = Projector(config.projector, vision.width, hidden, vision.grid, config.vision.keep_cls)
+        compute = torch.bfloat16 if config.language.dtype == "bfloat16" else torch.float32
+        vision.to(device=device, dtype=compute)
+        projector.to(device=device, dtype=compute)
+        return cls(config, vision, projector, llm, tokenizer).eval()
+
+    @classmethod
+    def from_pretrained(cls, reference: str, device: str | torch.device = "cpu", **overrides) -> "MedVLM":
+        from vlm.checkpoint import load_checkpoint
+
+        return load_checkpoint(reference, device=device, **overrides)
+
+    @property
+    def device(self) -> torch.device:
+        return self.projector.net[0].weight.device
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.projector.num_output_tokens()
+
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        return self.vision.preprocess(images).to(self.device)
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[n_images, 3, S, S] -> [n_images, num_image_tokens, hidden]."""
+        return self.projector(self.vision(pixel_values))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with the image features written into the placeholder positions."""
+        is_image = input_ids == self.image_token_id
+        embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
+        n_positions = int(is_image.sum())
+        n_features = 0 if pixel_values is None else pixel_values.shape[0] * self.num_image_tokens
+        if n_positions != n_features:
+            raise InputError(
+                f"image placeholder mismatch: the prompt has {n_positions} image-token positions "
+                f"({n_positions / self.num_image_tokens:g} image markers) but {n_features} image features "
+                f"were given ({0 if pixel_values is None else pixel_values.shape[0]} images x {self.num_image_tokens})."
+            )
+        if n_features:
+            features = self.image_features(pixel_values).to(embeds.dtype)
+            embeds = embeds.masked_scatter(is_image.unsqueeze(-1).expand_as(embeds), features)
+        return embeds
+
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None, position_ids=None,
+                past_key_values=None, use_cache: bool = False):
+        return self.llm(
+            inputs_embeds=self.embed(input_ids, pixel_values),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            labels=labels,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
+
+    def trainable_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The parts a checkpoint stores: projector always, the vision tower when it is not a hub base."""
+        parts = {"projector": self.projector.state_dict()}
+        if self.config.vision.trainable or self.config.vision.arch is not None:
+            parts["vision"] = self.vision.visual.state_dict()
+        return parts
+
+    def generate(self, messages_batch: list[list[dict]], images: list[list[Image.Image]], **generation):
+        """Generate replies for a batch of conversations; see vlm.generation.generate."""
+        from vlm.generation import GenerationConfig, generate
+
+        return generate(self, messages_batch, images, GenerationConfig(**generation))
