@@ -138,20 +138,32 @@ def generate(model, messages_batch, images, gen: GenerationConfig = GenerationCo
     return [model.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in generate_ids(model, batch, gen)]
 
 
+class TextStream:
+    """Text deltas of one reply as they are decoded; `num_tokens` counts the tokens so far."""
+
+    def __init__(self, model, messages: list[dict], images: list[Image.Image], gen: GenerationConfig = GenerationConfig()):
+        self.model, self.gen = model, gen
+        self.batch = prepare(model, [messages], [images])
+        self.num_tokens = 0
+
+    def __iter__(self) -> Iterator[str]:
+        stops = stop_token_ids(self.model)
+        ids: list[int] = []
+        shown = ""
+        for token in decode_steps(self.model, self.batch, self.gen):
+            if int(token[0]) in stops:
+                break
+            ids.append(int(token[0]))
+            self.num_tokens = len(ids)
+            text = self.model.tokenizer.decode(ids, skip_special_tokens=True)
+            # Hold back an incomplete multi-byte character until its last byte arrives.
+            if text.endswith("\ufffd"):
+                continue
+            if len(text) > len(shown) and text.startswith(shown):
+                yield text[len(shown):]
+                shown = text
+
+
 def stream(model, messages: list[dict], images: list[Image.Image], gen: GenerationConfig = GenerationConfig()) -> Iterator[str]:
     """Text deltas of one reply as they are decoded."""
-    batch = prepare(model, [messages], [images])
-    stops = stop_token_ids(model)
-    ids: list[int] = []
-    shown = ""
-    for token in decode_steps(model, batch, gen):
-        if int(token[0]) in stops:
-            break
-        ids.append(int(token[0]))
-        text = model.tokenizer.decode(ids, skip_special_tokens=True)
-        # Hold back an incomplete multi-byte character until its last byte arrives.
-        if text.endswith("\ufffd"):
-            continue
-        if len(text) > len(shown) and text.startswith(shown):
-            yield text[len(shown):]
-            shown = text
+    return iter(TextStream(model, messages, images, gen))

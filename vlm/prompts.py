@@ -116,8 +116,8 @@ def report_messages() -> list[dict]:
     return [{"role": "user", "content": REPORT_PROMPT}]
 
 
-def user_message(text: str, with_image: bool) -> dict:
-    """A user turn; the image marker is put in front if the text lacks one and an image is attached."""
-    if with_image and "<image>" not in text:
-        text = "<image>\n" + text
+def user_message(text: str, image_marker: str, n_images: int) -> dict:
+    """A user turn; one image marker per attached image is put in front if the text has none."""
+    if n_images and image_marker not in text:
+        text = "\n".join([image_marker] * n_images + [text])
     return {"role": "user", "content": text}

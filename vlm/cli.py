@@ -1,0 +1,206 @@
+"""`medvlm`: the one command line. This module holds `chat`, `info` and `init`; the `train`,
+`serve`, `eval` and `bench` commands live beside their code and are registered here when present.
+
+Errors a user can cause print one line (no traceback unless --debug) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+from vlm.config import LanguageConfig
+from vlm.errors import ConfigError, MedVLMError
+from vlm.generation import GenerationConfig
+from vlm.options import add_options, collect
+
+# Packages whose `cli` module adds sub-commands: each exposes add_commands(subparsers).
+COMMAND_MODULES = ("train.cli", "eval.cli", "serve.cli")
+LANGUAGE_OVERRIDES = ["quantization", "dtype"]
+GENERATION_OPTIONS = ["max_new_tokens", "temperature", "top_p", "seed"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args) or 0
+    except MedVLMError as e:
+        if args.debug:
+            raise
+        print(f"medvlm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nmedvlm: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medvlm", description="Open medical vision-language assistant.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _add_chat(sub)
+    _add_info(sub)
+    _add_init(sub)
+    for name in COMMAND_MODULES:
+        if importlib.util.find_spec(name.split(".")[0]) and importlib.util.find_spec(name):
+            importlib.import_module(name).add_commands(sub)
+    for command in sub.choices.values():  # --debug is accepted after the command too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """--model, --device and the LLM overrides, shared by every command that loads a model."""
+    parser.add_argument("--model", default="demo", help="checkpoint folder or 'demo' (default: demo)")
+    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available, else cpu)")
+    add_options(parser, LanguageConfig, LANGUAGE_OVERRIDES)
+
+
+def load_model_from_args(args):
+    from vlm.model import MedVLM
+
+    return MedVLM.from_pretrained(args.model, device=pick_device(args.device), **collect(args, LanguageConfig, LANGUAGE_OVERRIDES))
+
+
+def pick_device(requested: str | None) -> str:
+    import torch
+
+    if requested:
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {requested}: no CUDA GPU is available here; use --device cpu.")
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---- chat --------------------------------------------------------------------------------------
+
+def _add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="ask a question about an image; the answer streams")
+    p.add_argument("question", help="the question, e.g. 'Is there a pleural effusion?'")
+    p.add_argument("--image", action="append", default=[], help="PNG, JPEG or DICOM file (repeat for several)")
+    p.add_argument("--window", default=None, help="CT window for DICOM: lung, mediastinum, bone, brain or CENTER,WIDTH")
+    p.add_argument("--frame", type=int, default=None, help="frame of a multi-frame DICOM (default: the middle one)")
+    p.add_argument("--verbose", action="store_true", help="print load time, time to first token and tokens/s")
+    add_model_options(p)
+    add_options(p, GenerationConfig, GENERATION_OPTIONS)
+    p.set_defaults(run=run_chat)
+
+
+def run_chat(args) -> int:
+    from vlm.generation import TextStream
+    from vlm.imaging import load_image
+    from vlm.prompts import user_message
+
+    window = _parse_window(args.window)
+    images = [load_image(path, window=window, frame=args.frame).to_pil() for path in args.image]
+    gen = GenerationConfig(**collect(args, GenerationConfig, GENERATION_OPTIONS))
+    start = time.perf_counter()
+    model = load_model_from_args(args)
+    loaded = time.perf_counter()
+    messages = [user_message(args.question, model.config.image_marker, n_images=len(images))]
+    reply = TextStream(model, messages, images, gen)
+    first = None
+    for piece in reply:
+        first = first or time.perf_counter()
+        print(piece, end="", flush=True)
+    end = time.perf_counter()
+    print()
+    if args.verbose:
+        first = first or end
+        rate = (reply.num_tokens - 1) / (end - first) if reply.num_tokens > 1 and end > first else float("nan")
+        print(
+            f"[load {loaded - start:.2f} s | first token {first - loaded:.2f} s | "
+            f"{reply.num_tokens} tokens | {rate:.1f} tokens/s]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _parse_window(text: str | None):
+    if text is None or "," not in text:
+        return text
+    try:
+        center, width = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--window {text!r}: give a preset name or CENTER,WIDTH in Hounsfield units.") from None
+    return center, width
+
+
+# ---- info --------------------------------------------------------------------------------------
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="show a model's sources, sizes, quantization and memory")
+    add_model_options(p)
+    p.set_defaults(run=run_info)
+
+
+def run_info(args) -> int:
+    from vlm.sources import resolve
+
+    model = load_model_from_args(args)
+    cfg = model.config
+    print(f"model        {args.model} -> {resolve(args.model).location}")
+    vision = cfg.vision.source or "built from scratch (weights in the checkpoint)"
+    print(f"vision       {vision}; {model.vision.num_tokens} tokens of width {model.vision.width} "
+          f"from block {cfg.vision.feature_layer}, input {model.vision.image_size}px")
+    print(f"projector    {cfg.projector.kind}, pool {cfg.projector.pool} -> {model.num_image_tokens} image tokens")
+    print(f"language     {resolve(cfg.language.source).describe()}")
+    print(f"quantization {cfg.language.quantization}; dtype {cfg.language.dtype}; LoRA rank {cfg.language.lora_r}")
+    for name, module in (("vision", model.vision), ("projector", model.projector), ("language", model.llm)):
+        n = sum(p.numel() for p in module.parameters())
+        t = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        print(f"params       {name:<10} {n / 1e6:9.2f} M  (trainable {t / 1e6:.2f} M)")
+    size = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers())
+    print(f"memory       {size / 2**20:.1f} MiB of weights and buffers on {model.device}")
+    return 0
+
+
+# ---- init --------------------------------------------------------------------------------------
+
+def _add_init(sub) -> None:
+    p = sub.add_parser("init", help="write a small untrained checkpoint from a preset")
+    p.add_argument("out", type=Path, help="folder to create")
+    p.add_argument("--preset", default="tiny", help="a preset in train/configs (default: tiny)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=run_init)
+
+
+def load_preset(name: str) -> dict:
+    import yaml
+
+    path = resources.files("train") / "configs" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.name[:-5] for p in (resources.files("train") / "configs").iterdir() if p.name.endswith(".yaml"))
+        raise ConfigError(f"no preset {name!r}; known presets: {', '.join(known)}.")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def run_init(args) -> int:
+    import torch
+
+    from vlm.checkpoint import save_checkpoint
+    from vlm.config import MedVLMConfig, from_dict
+    from vlm.model import MedVLM
+
+    if args.out.exists() and any(args.out.iterdir()):
+        raise ConfigError(f"{args.out} exists and is not empty; choose a new folder.")
+    config = from_dict(MedVLMConfig, load_preset(args.preset).get("model", {}), where=f"preset {args.preset}.model")
+    torch.manual_seed(args.seed)
+    model = MedVLM.build(config)
+    save_checkpoint(model, args.out)
+    print(f"wrote an untrained {args.preset} checkpoint to {args.out} ({model.num_image_tokens} image tokens)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Command-line options derived from the config dataclasses, so each option is defined once.
+
+A field's type gives the option's type, its default the default, and the docstring under the
+field (read from the source) its help text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+import typing
+from functools import lru_cache
+
+
+@lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a dataclass: the string literal right after each field."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(following, ast.Expr) and isinstance(getattr(following, "value", None), ast.Constant):
+                docs[node.target.id] = " ".join(str(following.value.value).split())
+    return docs
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type, fields: list[str], prefix: str = "") -> None:
+    """Add `--[prefix-]field-name` for each named field of dataclass `cls`; defaults stay None so
+    that only options the user gave override a loaded config."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    docs = field_docs(cls)
+    for name in fields:
+        f = known[name]
+        flag = "--" + (f"{prefix}-" if prefix else "") + name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f"{docs.get(name, '')} (default: {default})".strip()
+        kind = _base_type(hints[name])
+        if kind is bool:
+            parser.add_argument(flag, dest=_dest(prefix, name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=_dest(prefix, name), type=kind, default=None, help=help_text, metavar=name.upper())
+
+
+def collect(args: argparse.Namespace, cls: type, fields: list[str], prefix: str = "") -> dict:
+    """The options of `fields` that the user gave, as a dict for dataclass `cls`."""
+    values = {name: getattr(args, _dest(prefix, name), None) for name in fields}
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _dest(prefix: str, name: str) -> str:
+    return f"{prefix}_{name}" if prefix else name
+
+
+def _base_type(hint):
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)) else hint
