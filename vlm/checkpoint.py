@@ -84,10 +84,26 @@ def load_checkpoint(reference: str, device: str | torch.device = "cpu", lora_tra
         raise CheckpointError(f"checkpoint {folder}: config has LoRA (rank {config.language.lora_r}) but adapter/ is missing.")
     model = MedVLM.build(config, device=device, adapter_dir=adapter if adapter.is_dir() else None,
                          lora_trainable=lora_trainable)
-    _load_part(model.projector, folder / "projector.safetensors", required=True)
-    needs_vision = config.vision.trainable or config.vision.arch is not None
-    _load_part(model.vision.visual, folder / "vision.safetensors", required=needs_vision)
+    load_trained_parts(model, folder, adapter=False)
     return model
+
+
+def load_trained_parts(model, folder: str | Path, adapter: bool = True) -> None:
+    """Load a checkpoint's projector, vision tower and (with `adapter`) LoRA weights into a built model."""
+    folder = Path(folder)
+    _load_part(model.projector, folder / "projector.safetensors", required=True)
+    needs_vision = model.config.vision.trainable or model.config.vision.arch is not None
+    _load_part(model.vision.visual, folder / "vision.safetensors", required=needs_vision)
+    weights = folder / "adapter" / "adapter_model.safetensors"
+    if adapter and weights.is_file():
+        from peft import set_peft_model_state_dict
+
+        try:
+            result = set_peft_model_state_dict(model.llm, load_file(str(weights)))
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint file {weights} cannot be loaded: {e}") from e
+        if result.unexpected_keys:
+            raise CheckpointError(f"checkpoint file {weights} does not match the model: {result.unexpected_keys[:3]}")
 
 
 def _checkpoint_folder(reference: str) -> Path:

@@ -1,0 +1,102 @@
+"""`medvlm train {clip,align,instruct} --config PRESET_OR_YAML [overrides]`.
+
+A config file (or a preset in train/configs) has a `model:` section (MedVLMConfig) and one
+section per stage, each with `stage:` (the stage's dataclass) and `train:` (TrainConfig) fields.
+Every field can be overridden on the command line; the options are derived from the dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+
+from train.loop import TrainConfig, train
+from vlm.config import MedVLMConfig, from_dict
+from vlm.errors import ConfigError
+from vlm.options import add_options, collect
+
+STAGES = ("clip", "align", "instruct")
+
+
+def stage_config_class(name: str) -> type:
+    if name == "clip":
+        from train.clip import ClipStageConfig
+
+        return ClipStageConfig
+    from train.vlm_stage import VLMStageConfig
+
+    return VLMStageConfig
+
+
+def simple_fields(cls: type) -> list[str]:
+    """Fields a command-line option can set (str, int, float, bool, or optional of those)."""
+    hints = typing.get_type_hints(cls)
+    simple = (str, int, float, bool)
+    names = []
+    for f in dataclasses.fields(cls):
+        args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)]
+        base = args[0] if len(args) == 1 else hints[f.name]
+        if base in simple:
+            names.append(f.name)
+    return names
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("train", help="train a stage: clip, align or instruct")
+    stages = p.add_subparsers(title="stages", metavar="STAGE")
+    helps = {"clip": "contrastive image-text pretraining of the image tower",
+             "align": "projector alignment on image-caption pairs",
+             "instruct": "projector + LoRA instruction tuning on conversations"}
+    for name in STAGES:
+        s = stages.add_parser(name, help=helps[name])
+        s.add_argument("--config", required=True, help="a preset name (train/configs) or a YAML file")
+        s.add_argument("--no-resume", action="store_true", help="start over even if OUT has checkpoints")
+        add_options(s, TrainConfig, simple_fields(TrainConfig))
+        add_options(s, stage_config_class(name), simple_fields(stage_config_class(name)))
+        s.set_defaults(run=run_train, stage=name)
+
+
+def load_config_file(reference: str) -> dict:
+    import yaml
+
+    from vlm.cli import load_preset
+
+    path = Path(reference)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config {path} is not valid YAML: {e}") from e
+        return data or {}
+    return load_preset(reference)
+
+
+def build_stage(name: str, data: dict, overrides_train: dict, overrides_stage: dict):
+    """The stage object and TrainConfig for `name`, from a config mapping plus overrides."""
+    section = data.get(name) or {}
+    train_cfg = from_dict(TrainConfig, {**section.get("train", {}), **overrides_train}, where=f"{name}.train")
+    stage_cls = stage_config_class(name)
+    stage_cfg = from_dict(stage_cls, {**section.get("stage", {}), **overrides_stage}, where=f"{name}.stage")
+    if name == "clip":
+        from train.clip import ClipStage
+
+        return ClipStage(stage_cfg, seed=train_cfg.seed, skip_bad=train_cfg.skip_bad), train_cfg
+    model_cfg = from_dict(MedVLMConfig, data.get("model", {}), where="model")
+    from train.align import AlignStage
+    from train.instruct import InstructStage
+
+    cls = AlignStage if name == "align" else InstructStage
+    return cls(stage_cfg, model_cfg, train_cfg.batch_size, train_cfg.skip_bad), train_cfg
+
+
+def run_train(args) -> int:
+    data = load_config_file(args.config)
+    stage_cls = stage_config_class(args.stage)
+    stage, cfg = build_stage(args.stage, data, collect(args, TrainConfig, simple_fields(TrainConfig)),
+                             collect(args, stage_cls, simple_fields(stage_cls)))
+    final = train(stage, cfg, resume=not args.no_resume)
+    print(f"trained {args.stage}: model in {final}; metrics in {Path(cfg.out) / 'metrics.csv'}, plot {Path(cfg.out) / 'loss.png'}")
+    return 0

@@ -1,0 +1,193 @@
+"""The one training loop, for every stage.
+
+Gradient accumulation, bf16 autocast, AdamW with linear warmup and cosine decay, gradient
+clipping, evaluation and checkpoints every N steps, exact resume, a progress bar, a metrics CSV
+and a loss plot. Data-parallel when started under `torchrun` / `accelerate launch` (WORLD_SIZE > 1):
+each process takes its own slice of every global batch; the single-process path is the same code.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from train import state as saved
+from train.logs import MetricsLog
+from train.stage import Stage
+from vlm.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out: str = "runs/run"
+    """Run folder: checkpoints/, metrics.csv, eval.csv, loss.png and final/ go here."""
+    steps: int = 100
+    """Optimizer steps to train for."""
+    batch_size: int = 8
+    """Samples per micro-batch (per process)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    """Linear warmup steps before the cosine decay."""
+    min_lr_ratio: float = 0.1
+    """The cosine decays to lr * min_lr_ratio at the last step."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 turns clipping off)."""
+    precision: str = "bf16"
+    """`bf16` autocast or `fp32`; never fp16 (slow on CPU, unstable without scaling)."""
+    eval_every: int = 0
+    """Evaluate every N steps (0: only at the end)."""
+    save_every: int = 0
+    """Write a resumable checkpoint every N steps (0: only at the end)."""
+    keep_last: int = 2
+    """How many resumable checkpoints to keep."""
+    seed: int = 0
+    tensorboard: bool = False
+    """Also log to TensorBoard (needs the tensorboard package)."""
+    skip_bad: bool = False
+    """Drop invalid data records (and count them) instead of refusing to start."""
+    device: str = "auto"
+    """cpu, cuda[:N], or auto."""
+
+    def validate(self) -> "TrainConfig":
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError("steps, batch_size and grad_accum must be at least 1.")
+        if self.precision not in ("bf16", "fp32"):
+            raise ConfigError(f"precision must be bf16 or fp32, got {self.precision!r}.")
+        if not 0 <= self.min_lr_ratio <= 1 or self.lr <= 0:
+            raise ConfigError("lr must be > 0 and min_lr_ratio in [0, 1].")
+        return self
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based): warmup, then cosine."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class DataOrder:
+    """Which records make each batch: a seeded permutation per epoch, consumed in order.
+
+    Its position (epoch, offset) is saved with checkpoints, so a resumed run sees exactly the
+    batches an uninterrupted run would have seen.
+    """
+
+    def __init__(self, size: int, batch: int, seed: int, rank: int = 0, world: int = 1):
+        if size < batch * world:
+            raise ConfigError(f"the training set has {size} records, fewer than one batch ({batch * world}).")
+        self.size, self.batch, self.seed, self.rank, self.world = size, batch, seed, rank, world
+        self.epoch, self.offset = 0, 0
+
+    def next_indices(self) -> list[int]:
+        global_batch = self.batch * self.world
+        if self.offset + global_batch > self.size:  # drop the ragged tail, start a new epoch
+            self.epoch, self.offset = self.epoch + 1, 0
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        chunk = order[self.offset: self.offset + global_batch]
+        self.offset += global_batch
+        return chunk[self.rank * self.batch: (self.rank + 1) * self.batch].tolist()
+
+
+def train(stage: Stage, cfg: TrainConfig, resume: bool = True) -> Path:
+    """Train `stage` per `cfg`; return the folder of the final model checkpoint."""
+    cfg.validate()
+    rank, world, device = _distributed_setup(cfg.device)
+    out = Path(cfg.out)
+    torch.manual_seed(cfg.seed)
+    model = stage.build_model().to(device)
+    train_set, val_set = stage.datasets()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError(f"stage {stage.name!r}: nothing to train (every parameter is frozen).")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    order = DataOrder(len(train_set), cfg.batch_size, cfg.seed, rank, world)
+    step = 0
+    latest = saved.latest(out) if resume else None
+    if latest is not None:
+        step = saved.restore(latest, stage, model, optimizer, scheduler, order)
+    wrapped = _wrap_ddp(model, device) if world > 1 else model
+    log = MetricsLog(out, enabled=rank == 0, tensorboard=cfg.tensorboard, resume_step=step)
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {stage.name}", unit="step", disable=rank != 0)
+    while step < cfg.steps:
+        row = _optimizer_step(stage, wrapped, params, optimizer, scheduler, order, train_set, cfg, device)
+        step += 1
+        log.train(step, order.epoch, row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", samples_s=f"{row['samples_per_s']:.1f}",
+                        tokens_s=f"{row['tokens_per_s']:.0f}")
+        last = step == cfg.steps
+        if cfg.eval_every and step % cfg.eval_every == 0 and not last:
+            log.eval(step, stage.evaluate(model, val_set))
+        if rank == 0 and ((cfg.save_every and step % cfg.save_every == 0) or last):
+            saved.write(out, step, stage, model, optimizer, scheduler, order, cfg.keep_last)
+    bar.close()
+    log.eval(step, stage.evaluate(model, val_set))
+    final = out / "final"
+    if rank == 0:
+        saved.write_model(stage, model, final)
+        log.close()
+    return final
+
+
+def _optimizer_step(stage, model, params, optimizer, scheduler, order, train_set, cfg, device) -> dict:
+    model.train()
+    start = time.perf_counter()
+    loss_sum, samples, tokens, extra = 0.0, 0, 0, {}
+    for _ in range(cfg.grad_accum):
+        batch = _to_device(stage.collate([train_set[i] for i in order.next_indices()]), device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            stats = stage.step(model, batch)
+        (stats.loss / cfg.grad_accum).backward()
+        loss_sum += float(stats.loss.detach()) / cfg.grad_accum
+        samples, tokens = samples + stats.samples, tokens + stats.tokens
+        extra = stats.extra
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - start
+    return {"loss": loss_sum, "lr": lr, "grad_norm": float(grad_norm), "samples_per_s": samples / seconds,
+            "tokens_per_s": tokens / seconds, "seconds": seconds, **extra}
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _distributed_setup(requested: str) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() and not requested.startswith("cpu")
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if cuda else "gloo")
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if cuda:
+            torch.cuda.set_device(local)
+        return dist.get_rank(), world, torch.device(f"cuda:{local}" if cuda else "cpu")
+    if requested == "auto":
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    return 0, 1, torch.device(requested)
+
+
+def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)

@@ -1,0 +1,141 @@
+"""Resumable training checkpoints, written atomically, never pickled.
+
+    OUT/checkpoints/step-00000300/
+        model/                 what the stage saves (a loadable model checkpoint)
+        optimizer.safetensors  AdamW moments, flattened as state.<param index>.<name>
+        rng.safetensors        torch CPU (and CUDA) generator states
+        trainer.json           step, data position, scheduler and optimizer hyper-parameters
+
+Each is written in a temporary folder renamed into place when complete, so a process killed
+mid-write (even by SIGKILL) leaves the previous checkpoint intact and loadable.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vlm.errors import CheckpointError
+
+PREFIX = "step-"
+
+
+def checkpoints_dir(out: Path) -> Path:
+    return Path(out) / "checkpoints"
+
+
+def latest(out: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    folder = checkpoints_dir(out)
+    done = sorted(p for p in folder.glob(f"{PREFIX}*") if (p / "trainer.json").is_file()) if folder.is_dir() else []
+    return done[-1] if done else None
+
+
+def write(out: Path, step: int, stage, model, optimizer, scheduler, order, keep_last: int) -> Path:
+    folder = checkpoints_dir(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{PREFIX}{step:08d}"
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".tmp-"))
+    try:
+        stage.save(_unwrap(model), tmp / "model")
+        tensors, groups = _flatten_optimizer(optimizer.state_dict())
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        save_file(_rng_tensors(), str(tmp / "rng.safetensors"))
+        trainer = {
+            "step": step, "epoch": order.epoch, "offset": order.offset,
+            "scheduler": scheduler.state_dict(), "param_groups": groups,
+            "python_random": _python_state(),
+        }
+        (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1))
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)  # atomic: the checkpoint appears complete or not at all
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _prune(folder, keep_last)
+    return target
+
+
+def write_model(stage, model, folder: Path) -> None:
+    """The final model alone (no optimizer), atomically."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    try:
+        stage.save(_unwrap(model), tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def restore(folder: Path, stage, model, optimizer, scheduler, order) -> int:
+    """Load a checkpoint into the live objects; return its step."""
+    try:
+        trainer = json.loads((folder / "trainer.json").read_text())
+        stage.load_trained(model, folder / "model")
+        state = _unflatten_optimizer(load_file(str(folder / "optimizer.safetensors")), trainer["param_groups"])
+        rng = load_file(str(folder / "rng.safetensors"))
+    except (OSError, KeyError, ValueError) as e:
+        raise CheckpointError(f"cannot resume from {folder}: {e}") from e
+    optimizer.load_state_dict(state)
+    scheduler.load_state_dict(trainer["scheduler"])
+    order.epoch, order.offset = trainer["epoch"], trainer["offset"]
+    torch.set_rng_state(rng["torch_cpu"])
+    if torch.cuda.is_available() and "torch_cuda" in rng:
+        torch.cuda.set_rng_state_all(list(rng["torch_cuda"]))
+    random.setstate(_python_state_from(trainer["python_random"]))
+    return int(trainer["step"])
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)
+
+
+def _prune(folder: Path, keep_last: int) -> None:
+    done = sorted(p for p in folder.glob(f"{PREFIX}*") if (p / "trainer.json").is_file())
+    for old in done[: max(0, len(done) - max(1, keep_last))]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in folder.glob(".tmp-*"):  # left by a process killed mid-write
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], list]:
+    tensors = {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            tensors[f"state.{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    return tensors, state["param_groups"]
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": groups}
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["torch_cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return tensors
+
+
+def _python_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _python_state_from(data: list) -> tuple:
+    version, internal, gauss = data
+    return version, tuple(internal), gauss

@@ -1,0 +1,136 @@
+"""What the align and instruct stages share: a MedVLM trained with next-token loss on assistant
+tokens, fed conversations. They differ only in which parts train and which data they read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from train.data import ConversationRecord, load_conversations, load_pairs
+from train.stage import StepStats
+from vlm.checkpoint import load_trained_parts, save_checkpoint
+from vlm.config import MedVLMConfig, to_dict
+from vlm.errors import ConfigError
+from vlm.imaging import load_image
+from vlm.prompts import IGNORE_INDEX
+
+
+@dataclass(frozen=True)
+class VLMStageConfig:
+    train_data: str = ""
+    """Training data: image-text pairs JSONL (align) or LLaVA conversations JSON (instruct)."""
+    val_data: str = ""
+    """Validation data in the same format (optional)."""
+    init: str = ""
+    """Checkpoint folder to start from; empty builds a fresh model from the config's `model:` section."""
+    vision_from: str = ""
+    """A `medvlm train clip` output folder whose trained image tower replaces the model's."""
+    caption_prompt: str = "<image>\nDescribe the image briefly."
+    """User turn paired with each caption when training on image-text pairs."""
+    lora_r: int = 0
+    """LoRA rank for instruct (0 keeps the init model's adapter, or none)."""
+    quantization: str = ""
+    """Override the LLM's quantization (none, 8bit, 4bit); empty keeps the model's."""
+    train_vision: bool = False
+    """Also train the vision tower (instruct)."""
+    val_batches: int = 20
+    """At most this many validation batches per evaluation."""
+
+
+class VLMStage:
+    name = "vlm"
+
+    def __init__(self, cfg: VLMStageConfig, model_config: MedVLMConfig, train_batch: int, skip_bad: bool):
+        self.cfg, self.model_config = cfg, model_config
+        self.train_batch, self.skip_bad = train_batch, skip_bad
+        self.model = None
+
+    # -- model -----------------------------------------------------------------------------------
+    def build_model(self):
+        from vlm.model import MedVLM
+
+        overrides = {"quantization": self.cfg.quantization} if self.cfg.quantization else {}
+        if self.cfg.init and self.cfg.vision_from:
+            raise ConfigError("vision_from starts a fresh model; the init checkpoint already has its tower.")
+        if self.cfg.init:
+            model = MedVLM.from_pretrained(self.cfg.init, lora_trainable=True, **overrides)
+        else:
+            config = self.model_config.replace(language=overrides) if overrides else self.model_config
+            state = None
+            if self.cfg.vision_from:
+                from train.clip import vision_from_clip
+
+                vision, state = vision_from_clip(self.cfg.vision_from)
+                config = config.replace(vision=to_dict(vision))
+            model = MedVLM.build(config)
+            if state is not None:
+                model.vision.visual.load_state_dict(state)
+        self.model = self.configure(model)
+        return self.model
+
+    def configure(self, model):
+        """Set requires_grad for this stage; subclasses decide."""
+        raise NotImplementedError
+
+    # -- data ------------------------------------------------------------------------------------
+    def datasets(self):
+        train = self._load(self.cfg.train_data)
+        val = self._load(self.cfg.val_data) if self.cfg.val_data else None
+        return train, val
+
+    def _load(self, path: str) -> list[ConversationRecord]:
+        raise NotImplementedError
+
+    def _pairs_as_conversations(self, path: str) -> list[ConversationRecord]:
+        pairs = load_pairs(path, self.skip_bad, check_image=load_image)
+        return [ConversationRecord((p.image,), ({"role": "user", "content": self.cfg.caption_prompt},
+                                                 {"role": "assistant", "content": p.text}), p.source, p.line)
+                for p in pairs]
+
+    def _conversations(self, path: str) -> list[ConversationRecord]:
+        return load_conversations(path, self.skip_bad, check_image=load_image, measure=self._length,
+                                  max_length=self.model.config.max_length)
+
+    def _length(self, record: ConversationRecord) -> int:
+        return len(self.model.prompts.encode(list(record.messages)).input_ids)
+
+    def collate(self, records: list[ConversationRecord]) -> dict:
+        encoded = [self.model.prompts.encode(list(r.messages)) for r in records]
+        width = max(len(e.input_ids) for e in encoded)
+        pad = self.model.tokenizer.pad_token_id
+        ids = torch.full((len(records), width), pad, dtype=torch.long)
+        labels = torch.full((len(records), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(records), width), dtype=torch.long)
+        for row, e in enumerate(encoded):
+            n = len(e.input_ids)
+            ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(e.input_ids), torch.tensor(e.labels), 1
+        images = [load_image(path).to_pil() for r in records for path in r.images]
+        pixels = self.model.vision.preprocess(images) if images else None
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": pixels}
+
+    # -- training --------------------------------------------------------------------------------
+    def step(self, model, batch: dict) -> StepStats:
+        out = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                    pixel_values=batch["pixel_values"], labels=batch["labels"])
+        return StepStats(out.loss, samples=batch["input_ids"].shape[0], tokens=int(batch["attention_mask"].sum()))
+
+    @torch.no_grad()
+    def evaluate(self, model, val_set) -> dict[str, float]:
+        if not val_set:
+            return {}
+        model.eval()
+        losses = []
+        for start in range(0, min(len(val_set), self.cfg.val_batches * self.train_batch), self.train_batch):
+            batch = self.collate(val_set[start: start + self.train_batch])
+            batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            losses.append(float(self.step(model, batch).loss))
+        model.train()
+        return {"val_loss": sum(losses) / len(losses)}
+
+    def save(self, model, folder: Path) -> None:
+        save_checkpoint(model, folder)
+
+    def load_trained(self, model, folder: Path) -> None:
+        load_trained_parts(model, folder)
