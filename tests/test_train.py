@@ -235,3 +235,19 @@ def test_progress_reports_rates(data, tiny_llm_dir, tmp_path, capsys):
     assert _train("align", config, data["align"], tmp_path / "run") == 0
     err = capsys.readouterr().err
     assert "samples_s=" in err and "tokens_s=" in err and "step" in err
+
+
+def test_data_parallel_under_torchrun_uses_the_same_command(data, tiny_llm_dir, tmp_path):
+    """Two CPU processes (gloo) run the same `medvlm train` command data-parallel."""
+    config = write_config(tmp_path, tiny_llm_dir, steps=2, batch_size=2)
+    out = tmp_path / "ddp"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "-m", "vlm.cli", "train", "instruct",
+         "--config", str(config), "--train-data", str(data["instruct"]), "--out", str(out), "--device", "cpu"],
+        capture_output=True, text=True, timeout=600, env=env, cwd=PROJECT,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(_losses(out)) == 2  # one row per step, written by rank 0 only
+    assert (out / "final" / "adapter" / "adapter_model.safetensors").is_file()

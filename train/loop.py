@@ -162,7 +162,16 @@ def _optimizer_step(stage, model, params, optimizer, scheduler, order, train_set
     optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - start
     return {"loss": loss_sum, "lr": lr, "grad_norm": float(grad_norm), "samples_per_s": samples / seconds,
-            "tokens_per_s": tokens / seconds, "seconds": seconds, **extra}
+            "tokens_per_s": tokens / seconds, "seconds": seconds, "peak_mem_mib": peak_memory_mib(device), **extra}
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory so far: allocated GPU memory on CUDA, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:

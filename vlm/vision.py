@@ -34,16 +34,17 @@ class VisionTower(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         with torch.no_grad():  # one dummy pass tells the grid and width, whatever the trunk
-            probe = self.forward(torch.zeros(1, 3, self.image_size, self.image_size))
-        self.num_tokens, self.width = probe.shape[1], probe.shape[2]
-        self.grid = self._last_grid
+            grid, _ = self._feature_map(torch.zeros(1, 3, self.image_size, self.image_size))
+        self.width = grid.shape[1]
+        self.grid = tuple(grid.shape[-2:])
+        self.num_tokens = self.grid[0] * self.grid[1] + int(cfg.keep_cls)
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.visual.parameters()).dtype
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [B, 3, S, S] (normalized) -> tokens [B, N, D], class token first if kept."""
+    def _feature_map(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The chosen block's output as a grid [B, D, H, W], and the class token [B, 1, D] if kept."""
         out = self.visual.forward_intermediates(
             pixel_values.to(self.dtype),
             indices=[self.cfg.feature_layer],
@@ -52,13 +53,14 @@ class VisionTower(nn.Module):
             output_fmt="NCHW",
             output_extra_tokens=self.cfg.keep_cls,
         )
-        grid = out["image_intermediates"][0]  # [B, D, H, W]
-        self._last_grid = tuple(grid.shape[-2:])
-        tokens = grid.flatten(2).transpose(1, 2)
         prefix = out.get("image_intermediates_prefix")
-        if self.cfg.keep_cls and prefix:
-            tokens = torch.cat([prefix[0][:, :1], tokens], dim=1)
-        return tokens
+        return out["image_intermediates"][0], (prefix[0][:, :1] if self.cfg.keep_cls and prefix else None)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [B, 3, S, S] (normalized) -> tokens [B, N, D], class token first if kept."""
+        grid, cls = self._feature_map(pixel_values)
+        tokens = grid.flatten(2).transpose(1, 2)
+        return tokens if cls is None else torch.cat([cls, tokens], dim=1)
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         """PIL images -> normalized [B, 3, S, S]. The whole image is kept: the longest side is
