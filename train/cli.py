@@ -55,6 +55,19 @@ def add_commands(sub) -> None:
         add_options(s, TrainConfig, simple_fields(TrainConfig))
         add_options(s, stage_config_class(name), simple_fields(stage_config_class(name)))
         s.set_defaults(run=run_train, stage=name)
+    data = stages.add_parser("clip-data", help="write caption pairs for `train clip` from NIH and VQA-RAD")
+    data.add_argument("--nih", required=True, help="the nih_cxr folder (labels.csv, images/)")
+    data.add_argument("--vqa-rad", required=True, help="the vqa_rad folder (trainset.json, images/)")
+    data.add_argument("--out", required=True, help="folder for train.jsonl and val.jsonl")
+    data.set_defaults(run=run_clip_data)
+
+
+def run_clip_data(args) -> int:
+    from train.captions import write_clip_data
+
+    counts = write_clip_data(args.nih, args.vqa_rad, args.out)
+    print(", ".join(f"{k}: {v}" for k, v in counts.items()) + f" -> {args.out}")
+    return 0
 
 
 def load_config_file(reference: str) -> dict:

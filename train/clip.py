@@ -12,9 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
-from collections import Counter, namedtuple
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from train.data import PairRecord, load_pairs
 from train.stage import StepStats
 from vlm.config import VisionConfig
 from vlm.errors import CheckpointError, ConfigError, InputError
@@ -34,11 +33,6 @@ DEFAULT_ARCH = {"embed_dim": 256,
                 "vision_cfg": {"image_size": 224, "layers": 4, "width": 256, "head_width": 64, "patch_size": 16}}
 MAX_LOGIT_SCALE = math.log(100)  # open_clip's clamp: a temperature below 1/100 destabilizes training
 NO_FINDING = "No Finding"
-ORGANS = {"HEAD": "head", "CHEST": "chest", "ABD": "abdomen"}
-MODALITY_WORDS = [  # (regex over a lowercased question or answer, modality); MRI first: "mr flair"
-    (r"\b(mri?|flair|t1|t2|dwi|adc|diffusion)\b", "MRI"), (r"\bct\b", "CT"),
-    (r"\b(x-?\s?ray|xray|cxr|radiograph|plain film|pa|ap)\b", "x-ray"), (r"\b(ultrasound|us)\b", "ultrasound")]
-MODALITY_PHRASE = {"MRI": "an MRI scan", "CT": "a CT scan", "x-ray": "an x-ray", "ultrasound": "an ultrasound"}
 
 
 @dataclass(frozen=True)
@@ -62,7 +56,7 @@ class ClipStageConfig:
     zero_shot_labels: str | None = None
     """CSV (image, findings '|'-separated, split) for zero-shot AUROC at evaluation."""
     zero_shot_split: str = "val"
-    """Which split of the zero-shot CSV to score."""
+    """Split(s) of the zero-shot CSV to score, comma-separated (e.g. val,test)."""
     zero_shot_template: str = "a chest x-ray showing {finding}."
     """Prompt for a finding; {finding} is the label in words."""
     zero_shot_normal: str = "a normal chest x-ray with no finding."
@@ -85,9 +79,6 @@ class ClipStageConfig:
         return self
 
 
-_Pair = namedtuple("_Pair", "image text source line")  # train.data.PairRecord's fields: load_pairs can replace _read_pairs
-
-
 class ClipStage:
     name = "clip"
 
@@ -95,7 +86,6 @@ class ClipStage:
         self.cfg = cfg.validate()
         self.seed = seed
         self.skip_bad = skip_bad
-        self._rng = torch.Generator().manual_seed(seed)  # augmentation draws; the global RNG is left alone
         self._loss_fn = None
 
     # -- model -----------------------------------------------------------------------------------
@@ -113,10 +103,13 @@ class ClipStage:
             import open_clip
             from vlm.vision import _open_clip_name
 
-            source_cfg = open_clip.get_model_config(_open_clip_name(vision.source)) or {}
+            name = _open_clip_name(vision.source)
+            source_cfg = open_clip.get_model_config(name) or {}
             if "vision_cfg" not in source_cfg:
                 raise ConfigError(f"vision.source {vision.source!r}: open_clip has no model config for it.")
             embed_dim, vision_cfg, pre = source_cfg["embed_dim"], dict(source_cfg["vision_cfg"]), {}
+            if name.startswith("local-dir:"):  # e.g. a clip output trained further: keep its normalization
+                pre = json.loads((Path(name[10:]) / "open_clip_config.json").read_text()).get("preprocess_cfg", {})
         if size:
             vision_cfg["image_size"] = size
         text = resolve(self.cfg.text_source)
@@ -142,7 +135,7 @@ class ClipStage:
         if self.cfg.vision.arch is None:  # a pretrained tower: replace the random one just built
             from vlm.vision import build_visual
 
-            model.visual = build_visual(self.cfg.vision)[0]
+            model.visual = build_visual(replace(self.cfg.vision, image_size=spec["vision_cfg"].get("image_size")))[0]
         if model.text.config.max_position_embeddings < self.cfg.context_length:
             raise ConfigError(f"context_length {self.cfg.context_length} exceeds the text encoder's "
                               f"{model.text.config.max_position_embeddings} positions.")
@@ -163,19 +156,27 @@ class ClipStage:
     def datasets(self) -> tuple[list, list | None]:
         if not self.cfg.train_data:
             raise ConfigError("clip stage: give train_data (a JSONL of image-text pairs).")
-        val = _read_pairs(self.cfg.val_data, self.skip_bad) if self.cfg.val_data else None
-        return _read_pairs(self.cfg.train_data, self.skip_bad), val
+        from vlm.imaging import load_image
+
+        def read(path):
+            return load_pairs(path, self.skip_bad, check_image=load_image)
+
+        return read(self.cfg.train_data), read(self.cfg.val_data) if self.cfg.val_data else None
 
     def collate(self, records: list, augment: bool | None = None) -> dict:
         augment = self.cfg.augment if augment is None else augment
         images = torch.stack([self._pixels(_open(r.image, r), augment) for r in records])
-        return {"images": images, "texts": self.tokenizer([r.text for r in records])}
+        texts = self.tokenizer([r.text for r in records])
+        # HFTokenizer always pads to context_length; cut to the longest caption (same features,
+        # masked mean pooling): a 12-token caption then costs 12 positions, not 77.
+        longest = int((texts != self.tokenizer.tokenizer.pad_token_id).sum(1).max())
+        return {"images": images, "texts": texts[:, :longest]}
 
     def _pixels(self, image, augment: bool) -> torch.Tensor:
         from vlm.vision import VisionTower
 
         if augment:
-            image = _random_crop(image, self._rng)
+            image = _random_crop(image)
         size = self.spec["vision_cfg"].get("image_size", 224)  # open_clip's CLIPVisionCfg default
         size = int(size[0] if isinstance(size, (list, tuple)) else size)
         # VisionTower's own letterbox (whole image, padded black): MedVLM sees exactly what CLIP saw.
@@ -235,12 +236,24 @@ class ClipStage:
         return total / count
 
     def zero_shot(self, model: nn.Module) -> dict[str, float]:
-        """AUROC per finding of `sim(image, finding prompt) - sim(image, normal prompt)`.
+        """AUROC per finding of `sim(image, finding prompt) - sim(image, normal prompt)`, for each
+        split named in `zero_shot_split` (comma-separated), as `auroc/<split>/<label>` and `.../mean`.
 
         A normal prompt rather than "no {finding}": CLIP text encoders largely ignore negation, and the
         training captions (write_label_captions) contain the normal caption, never "no X". Subtracting
         it removes a per-image offset (how alike the image is to any chest x-ray caption)."""
-        rows = _label_rows(Path(self.cfg.zero_shot_labels), self.cfg.zero_shot_split)
+        out = {}
+        for split in (s.strip() for s in self.cfg.zero_shot_split.split(",") if s.strip()):
+            rows = _label_rows(Path(self.cfg.zero_shot_labels), split)
+            scores, labels = self._zero_shot_scores(model, rows)
+            split_out = {f"auroc/{split}/{label}": auroc(scores[:, j], [label in f for _, f in rows])
+                         for j, label in enumerate(labels)}
+            valid = [v for v in split_out.values() if not math.isnan(v)]
+            split_out[f"auroc/{split}/mean"] = float(np.mean(valid)) if valid else float("nan")
+            out.update(split_out)
+        return out
+
+    def _zero_shot_scores(self, model: nn.Module, rows) -> tuple[np.ndarray, list[str]]:
         labels = sorted({f for _, findings in rows for f in findings})
         device = model.logit_scale.device
         prompts = [self.cfg.zero_shot_template.format(finding=_words(f)) for f in labels]
@@ -251,11 +264,7 @@ class ClipStage:
             pixels = torch.stack([self._pixels(_open(p), False) for p, _ in chunk]).to(device)
             sims.append((model.encode_image(pixels, normalize=True) @ text_f.T).float().cpu())
         sims = torch.cat(sims).numpy()
-        scores = sims[:, :-1] - sims[:, -1:] if self.cfg.zero_shot_normal else sims[:, :-1]
-        out = {f"auroc/{label}": auroc(scores[:, j], [label in f for _, f in rows]) for j, label in enumerate(labels)}
-        valid = [v for v in out.values() if not math.isnan(v)]
-        out["auroc/mean"] = float(np.mean(valid)) if valid else float("nan")
-        return out
+        return (sims[:, :-1] - sims[:, -1:] if self.cfg.zero_shot_normal else sims[:, :-1]), labels
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self, model: nn.Module, folder: Path) -> None:
@@ -292,7 +301,7 @@ def vision_from_clip(folder: str | Path) -> tuple[VisionConfig, dict[str, torch.
     folder = Path(folder)
     arch_path, weights = folder / "vision_arch.json", folder / "vision.safetensors"
     if not arch_path.is_file() or not weights.is_file():
-        raise CheckpointError(f"{folder} is not a clip stage output: vision_arch.json or vision.safetensors is missing.")
+        raise CheckpointError(f"{folder} is not a clip stage output: no vision_arch.json or vision.safetensors.")
     try:
         arch = json.loads(arch_path.read_text())
         return VisionConfig(source="", arch=arch), load_file(str(weights))
@@ -314,78 +323,7 @@ def auroc(scores, labels) -> float:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-# -- caption files for the real run -------------------------------------------------------------
-def write_label_captions(labels_csv: str | Path, split: str, out_jsonl: str | Path,
-                         template: str = "a chest x-ray showing {finding}.",
-                         normal: str = "a normal chest x-ray with no finding.") -> int:
-    """NIH ChestX-ray14 labels of one split -> caption pairs; returns how many were written."""
-    rows = _label_rows(Path(labels_csv), split)
-    lines = []
-    for image, findings in rows:
-        names = [_words(f) for f in sorted(findings)]
-        joined = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else "".join(names)
-        text = template.format(finding=joined) if names else normal
-        lines.append(json.dumps({"image": str(image.resolve()), "text": text}))
-    return _write_lines(Path(out_jsonl), lines)
-
-
-def write_vqa_rad_captions(trainset_json: str | Path, out_jsonl: str | Path, images_dir: str | Path | None = None,
-                           exclude: tuple[str, ...] = ()) -> int:
-    """One organ/modality caption per VQA-RAD image ("a CT scan of the abdomen."), the modality read
-    from its MODALITY questions (an open answer, or a yes to "is this a CT?"); returns the count.
-    `exclude`: image names to leave out (e.g. the test images, for an image-disjoint evaluation)."""
-    path = Path(trainset_json)
-    images = Path(images_dir) if images_dir else path.parent / "images"
-    organs, votes = {}, {}
-    for qa in json.loads(path.read_text()):
-        name = qa["image_name"]
-        organs.setdefault(name, ORGANS.get(str(qa.get("image_organ")).upper(), "body"))
-        votes.setdefault(name, Counter())
-        if qa.get("question_type") == "MODALITY":
-            modality = _modality(str(qa.get("question", "")), str(qa.get("answer", "")))
-            if modality:
-                votes[name][modality] += 1
-    lines = []
-    for name in sorted(set(organs) - set(exclude)):
-        top = votes[name].most_common(1)
-        phrase = MODALITY_PHRASE[top[0][0]] if top else "a radiology image"
-        lines.append(json.dumps({"image": str((images / name).resolve()), "text": f"{phrase} of the {organs[name]}."}))
-    return _write_lines(Path(out_jsonl), lines)
-
-
-def _modality(question: str, answer: str) -> str | None:
-    q, a = question.lower(), answer.lower().strip()
-    if a in ("no", "none") or " not " in f" {q} ":
-        return None  # a denial or "what does this NOT represent" names the wrong modality
-    text = q if a == "yes" else a
-    return next((m for pattern, m in MODALITY_WORDS if re.search(pattern, text)), None)
-
-
 # -- helpers -------------------------------------------------------------------------------------
-def _read_pairs(path: str | Path, skip_bad: bool = False) -> list[_Pair]:
-    """JSONL {"image", "text"} -> pairs; image paths relative to the file. Stand-in for train.data.load_pairs."""
-    path = Path(path)
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as e:
-        raise InputError(f"cannot read {path}: {e.strerror}") from e
-    pairs, bad = [], []
-    for number, line in ((n, line) for n, line in enumerate(lines, 1) if line.strip()):
-        try:
-            row = json.loads(line)
-            image, text = path.parent / str(row["image"]), str(row["text"]).strip()  # absolute stays absolute
-            if not image.is_file() or not text:
-                raise ValueError(f"image {image} is missing" if text else "empty text")
-            pairs.append(_Pair(image, text, str(path), number))
-        except (ValueError, KeyError, TypeError) as e:
-            bad.append(f"{path}:{number}: {e}")
-    if bad and not skip_bad:
-        raise InputError(f"{len(bad)} bad record(s): " + "; ".join(bad[:5]))
-    if not pairs:
-        raise InputError(f"{path}: no usable image-text pairs.")
-    return pairs
-
-
 def _label_rows(path: Path, split: str) -> list[tuple[Path, frozenset[str]]]:
     try:
         with path.open(newline="") as f:
@@ -394,14 +332,20 @@ def _label_rows(path: Path, split: str) -> list[tuple[Path, frozenset[str]]]:
         raise InputError(f"cannot read labels {path}: {e.strerror}") from e
     if rows and not {"image", "findings", "split"} <= set(rows[0]):
         raise InputError(f"{path}: needs columns image, findings, split.")
-    out = [(path.parent / r["image"], frozenset(f for f in r["findings"].split("|") if f and f != NO_FINDING))
+    out = [(_beside(path, r["image"]), frozenset(f for f in r["findings"].split("|") if f and f != NO_FINDING))
            for r in rows if r["split"] == split]
     if not out:
         raise InputError(f"{path}: no rows in split {split!r}.")
     return out
 
 
-def _open(image: Path, record: _Pair | None = None):
+def _beside(csv_path: Path, name: str) -> Path:
+    """An image named in a labels CSV: relative to the CSV, else in images/ beside it (the NIH layout)."""
+    direct = csv_path.parent / name
+    return direct if direct.exists() else csv_path.parent / "images" / name
+
+
+def _open(image: Path, record: PairRecord | None = None):
     from vlm.imaging import load_image
 
     try:
@@ -410,14 +354,15 @@ def _open(image: Path, record: _Pair | None = None):
         raise InputError((f"{record.source}:{record.line}: " if record else "") + f"{image}: {e}") from e
 
 
-def _random_crop(image, rng: torch.Generator):
-    """A crop of 85-100% of the area with aspect 0.9-1.1 at a random place (no flip: laterality)."""
-    area = float(torch.empty(1).uniform_(0.85, 1.0, generator=rng))
-    aspect = float(torch.empty(1).uniform_(0.9, 1.1, generator=rng))
+def _random_crop(image):
+    """A crop of 85-100% of the area with aspect 0.9-1.1 at a random place (no flip: laterality).
+    Draws from torch's global generator, whose state checkpoints save, so a resumed run crops alike."""
+    area = float(torch.empty(1).uniform_(0.85, 1.0))
+    aspect = float(torch.empty(1).uniform_(0.9, 1.1))
     w = min(image.width, round(image.width * math.sqrt(area * aspect)))
     h = min(image.height, round(image.height * math.sqrt(area / aspect)))
-    x = int(torch.randint(0, image.width - w + 1, (1,), generator=rng))
-    y = int(torch.randint(0, image.height - h + 1, (1,), generator=rng))
+    x = int(torch.randint(0, image.width - w + 1, (1,)))
+    y = int(torch.randint(0, image.height - h + 1, (1,)))
     return image.crop((x, y, x + w, y + h))
 
 
@@ -447,9 +392,3 @@ def _settle(model: nn.Module) -> None:
 
 def _words(label: str) -> str:
     return label.replace("_", " ").lower()
-
-
-def _write_lines(path: Path, lines: list[str]) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(line + "\n" for line in lines))
-    return len(lines)

@@ -1,0 +1,93 @@
+"""Caption files for contrastive pretraining from the real data: NIH ChestX-ray14 finding labels and
+VQA-RAD organ/modality. Paths in the written JSONL are absolute."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+from train.clip import _label_rows, _words
+
+ORGANS = {"HEAD": "head", "CHEST": "chest", "ABD": "abdomen"}
+MODALITY_WORDS = [  # (regex over a lowercased question or answer, modality); MRI first: "mr flair"
+    (r"\b(mri?|flair|t1|t2|dwi|adc|diffusion)\b", "MRI"), (r"\bct\b", "CT"),
+    (r"\b(x-?\s?ray|xray|cxr|radiograph|film)\b", "x-ray"), (r"\b(ultrasound|sonogra\w*)\b", "ultrasound")]
+MODALITY_PHRASE = {"MRI": "an MRI scan", "CT": "a CT scan", "x-ray": "an x-ray", "ultrasound": "an ultrasound"}
+
+
+def write_label_captions(labels_csv: str | Path, split: str, out_jsonl: str | Path,
+                         template: str = "a chest x-ray showing {finding}.",
+                         normal: str = "a normal chest x-ray with no finding.") -> int:
+    """NIH ChestX-ray14 labels of one split -> caption pairs; returns how many were written."""
+    rows = _label_rows(Path(labels_csv), split)
+    lines = []
+    for image, findings in rows:
+        names = [_words(f) for f in sorted(findings)]
+        joined = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else "".join(names)
+        text = template.format(finding=joined) if names else normal
+        lines.append(json.dumps({"image": str(image.resolve()), "text": text}))
+    return _write_lines(Path(out_jsonl), lines)
+
+
+def write_vqa_rad_captions(trainset_json: str | Path, out_jsonl: str | Path, images_dir: str | Path | None = None,
+                           exclude: tuple[str, ...] = ()) -> int:
+    """One organ/modality caption per VQA-RAD image ("a CT scan of the abdomen."), the modality voted
+    by its questions (see _modality; "a radiology image" when none names one); returns the count.
+    `exclude`: image names to leave out (e.g. the test images, for an image-disjoint evaluation)."""
+    path = Path(trainset_json)
+    images = Path(images_dir) if images_dir else path.parent / "images"
+    organs, votes = {}, {}
+    for qa in json.loads(path.read_text()):
+        name = qa["image_name"]
+        organs.setdefault(name, ORGANS.get(str(qa.get("image_organ")).upper(), "body"))
+        votes.setdefault(name, Counter())
+        modality = _modality(str(qa.get("question", "")), str(qa.get("answer", "")), qa.get("question_type"))
+        if modality:
+            votes[name][modality] += 1
+    lines = []
+    for name in sorted(set(organs) - set(exclude)):
+        top = votes[name].most_common(1)
+        phrase = MODALITY_PHRASE[top[0][0]] if top else "a radiology image"
+        lines.append(json.dumps({"image": str((images / name).resolve()), "text": f"{phrase} of the {organs[name]}."}))
+    return _write_lines(Path(out_jsonl), lines)
+
+
+def _modality(question: str, answer: str, kind: str | None = "MODALITY") -> str | None:
+    """The modality a question-answer pair asserts: a MODALITY question's open answer or a yes to
+    "is this a CT?"; any other question presupposes what it names ("is the liver enlarged on this CT?")."""
+    q, a = question.lower(), answer.lower().strip()
+    if kind != "MODALITY":
+        text = q
+    elif a in ("no", "none") or " not " in f" {q} ":
+        return None  # a denial or "what does this NOT represent" names the wrong modality
+    else:
+        text = q if a == "yes" else a
+    return next((m for pattern, m in MODALITY_WORDS if re.search(pattern, text)), None)
+
+
+
+def write_clip_data(nih: str | Path, vqa_rad: str | Path, out: str | Path) -> dict[str, int]:
+    """The contrastive pretraining set: NIH train-split finding captions plus VQA-RAD images of the
+    `train` bucket (never the val or held-out images, so image-disjoint evaluation stays honest)
+    -> OUT/train.jsonl; NIH val-split captions -> OUT/val.jsonl. Returns the counts."""
+    from eval.tasks import vqa_rad_image_bucket
+
+    nih, vqa_rad, out = Path(nih), Path(vqa_rad), Path(out)
+    counts = {"nih_train": write_label_captions(nih / "labels.csv", "train", out / "nih_train.jsonl"),
+              "nih_val": write_label_captions(nih / "labels.csv", "val", out / "val.jsonl")}
+    trainset = vqa_rad / "trainset.json"
+    names = {qa["image_name"] for qa in json.loads(trainset.read_text())}
+    exclude = tuple(n for n in names if vqa_rad_image_bucket(n) != "train")
+    counts["vqa_rad_train"] = write_vqa_rad_captions(trainset, out / "vqa_rad_train.jsonl", exclude=exclude)
+    lines = (out / "nih_train.jsonl").read_text() + (out / "vqa_rad_train.jsonl").read_text()
+    (out / "train.jsonl").write_text(lines)
+    counts["train"] = len(lines.splitlines())
+    return counts
+
+
+def _write_lines(path: Path, lines: list[str]) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line + "\n" for line in lines))
+    return len(lines)
