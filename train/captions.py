@@ -87,6 +87,34 @@ def write_clip_data(nih: str | Path, vqa_rad: str | Path, out: str | Path) -> di
     return counts
 
 
+def write_vqa_rad_conversations(trainset_json: str | Path, out_json: str | Path, buckets: tuple[str, ...] = ("train",),
+                                questions_per_conversation: int = 6) -> int:
+    """VQA-RAD question-answer pairs -> LLaVA conversations (JSON list), several turns per image,
+    the image marker in the first turn; only images in `buckets` (see eval.tasks). Returns the count."""
+    from eval.tasks import vqa_rad_image_bucket
+    from vlm.prompts import VQA_FOLLOWUP, VQA_PROMPT
+
+    path = Path(trainset_json)
+    by_image: dict[str, list[dict]] = {}
+    for qa in json.loads(path.read_text()):
+        if vqa_rad_image_bucket(qa["image_name"]) in buckets:
+            by_image.setdefault(qa["image_name"], []).append(qa)
+    records = []
+    for name, qas in sorted(by_image.items()):
+        for start in range(0, len(qas), questions_per_conversation):
+            turns = []
+            for k, qa in enumerate(qas[start:start + questions_per_conversation]):
+                # the image is shown once, in the first turn
+                prompt = (VQA_FOLLOWUP if k else VQA_PROMPT).format(question=str(qa["question"]).strip())
+                turns += [{"from": "human", "value": prompt}, {"from": "gpt", "value": str(qa["answer"]).strip()}]
+            records.append({"id": f"{name}-{start}", "image": str((path.parent / "images" / name).resolve()),
+                            "conversations": turns})
+    out = Path(out_json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(records, indent=1))
+    return len(records)
+
+
 def _write_lines(path: Path, lines: list[str]) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(line + "\n" for line in lines))

@@ -60,6 +60,20 @@ def add_commands(sub) -> None:
     data.add_argument("--vqa-rad", required=True, help="the vqa_rad folder (trainset.json, images/)")
     data.add_argument("--out", required=True, help="folder for train.jsonl and val.jsonl")
     data.set_defaults(run=run_clip_data)
+    vqa = stages.add_parser("vqa-rad-data", help="write VQA-RAD conversations for `train instruct`")
+    vqa.add_argument("--vqa-rad", required=True, help="the vqa_rad folder (trainset.json, images/)")
+    vqa.add_argument("--out", required=True, help="folder for train.json (train images) and val.json (val images)")
+    vqa.set_defaults(run=run_vqa_rad_data)
+
+
+def run_vqa_rad_data(args) -> int:
+    from train.captions import write_vqa_rad_conversations
+
+    trainset, out = Path(args.vqa_rad) / "trainset.json", Path(args.out)
+    n_train = write_vqa_rad_conversations(trainset, out / "train.json", buckets=("train",))
+    n_val = write_vqa_rad_conversations(trainset, out / "val.json", buckets=("val",))
+    print(f"conversations: train {n_train}, val {n_val} -> {out}")
+    return 0
 
 
 def run_clip_data(args) -> int:

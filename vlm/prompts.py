@@ -14,7 +14,8 @@ from vlm.errors import InputError
 
 IGNORE_INDEX = -100
 
-VQA_PROMPT = "<image>\n{question}\nAnswer briefly."
+VQA_FOLLOWUP = "{question}\nAnswer briefly."
+VQA_PROMPT = "<image>\n" + VQA_FOLLOWUP
 REPORT_PROMPT = (
     "<image>\nDraft the findings section of a radiology report for this chest X-ray. "
     "Write short sentences about the lungs, pleura, heart and mediastinum."
