@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from vlm.errors import CheckpointError
+from vlm.fileio import atomic_folder
 
 PREFIX = "step-"
 
@@ -41,8 +41,7 @@ def write(out: Path, step: int, stage, model, optimizer, scheduler, order, keep_
     folder = checkpoints_dir(out)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{PREFIX}{step:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".tmp-"))
-    try:
+    with atomic_folder(target, tmp_prefix=".tmp-") as tmp:  # the checkpoint appears complete or not at all
         stage.save(_unwrap(model), tmp / "model")
         tensors, groups = _flatten_optimizer(optimizer.state_dict())
         save_file(tensors, str(tmp / "optimizer.safetensors"))
@@ -53,28 +52,14 @@ def write(out: Path, step: int, stage, model, optimizer, scheduler, order, keep_
             "python_random": _python_state(),
         }
         (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)  # atomic: the checkpoint appears complete or not at all
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _prune(folder, keep_last)
     return target
 
 
 def write_model(stage, model, folder: Path) -> None:
     """The final model alone (no optimizer), atomically."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-    try:
+    with atomic_folder(folder) as tmp:
         stage.save(_unwrap(model), tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def restore(folder: Path, stage, model, optimizer, scheduler, order) -> int:

@@ -12,8 +12,6 @@ a half-written checkpoint under the final name. Loading reads safetensors only: 
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vlm.config import MedVLMConfig
+from vlm.fileio import atomic_folder
 from vlm.errors import CheckpointError, ConfigError, ModelSourceError
 from vlm.sources import resolve
 
@@ -36,20 +35,8 @@ qualified clinician.
 def save_checkpoint(model, folder: str | Path, card: str | None = None) -> Path:
     """Write `model`'s config and trained parts to `folder` atomically; return the folder."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-    try:
+    with atomic_folder(folder) as tmp:
         write_checkpoint_files(model, tmp, card)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{tmp.name[-8:]}")
-            folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -14,6 +12,7 @@ from torch import nn
 
 from vlm.config import LanguageConfig
 from vlm.errors import ConfigError, ModelSourceError
+from vlm.fileio import atomic_folder
 from vlm.sources import Source, hub_hint, resolve
 
 log = logging.getLogger(__name__)
@@ -132,17 +131,8 @@ def _converted_gguf(gguf_path: Path) -> Path:
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config = AutoConfig.for_model(**config)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
+    with atomic_folder(target, replace=False) as tmp:  # replace=False: another process may finish first
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"))
-        if target.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
