@@ -159,3 +159,32 @@ def test_lora_step_after_generate_has_gradients_in_4bit(tiny_config):
     missing = [n for n, p in lora if p.grad is None]
     assert not missing, f"LoRA parameters without gradient: {missing[:3]}"
     assert any(p.grad.abs().sum() > 0 for n, p in lora if "lora_B" in n)
+
+
+def test_follow_up_turn_reuses_the_conversation_cache(tiny_model):
+    """A follow-up turn with the cache computes only new tokens and answers exactly as without it."""
+    from vlm.generation import ConversationCache, TextStream, images_digest
+
+    image = _image(11)
+    first = _ask("What imaging modality is this?")
+    session = ConversationCache()
+    gen = GenerationConfig(max_new_tokens=6)
+    reply = "".join(TextStream(tiny_model, first, [image], gen, session=session))
+    follow = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": "Is the heart enlarged?"}]
+    ids = tiny_model.prompts.encode(follow, add_generation_prompt=True).input_ids
+    key = images_digest(tiny_model.preprocess([image]))
+    reused = session.reusable_length(ids, tiny_model.image_token_id, key)
+    image_end = max(i for i, t in enumerate(ids) if t == tiny_model.image_token_id)
+    assert reused > image_end, "the image and the first turn come from the cache"
+    calls = []
+    hook = tiny_model.vision.register_forward_hook(lambda *args: calls.append(1))
+    with_cache = "".join(TextStream(tiny_model, follow, [image], gen, session=session))
+    hook.remove()
+    assert calls == [], "the image is not encoded again"
+    assert with_cache == "".join(TextStream(tiny_model, follow, [image], gen))
+    # The same words about another image share every token id but must not reuse the cache.
+    other_key = images_digest(tiny_model.preprocess([_image(12)]))
+    assert session.reusable_length(ids, tiny_model.image_token_id, key) > image_end
+    assert session.reusable_length(ids, tiny_model.image_token_id, other_key) == 0
+    fresh = "".join(TextStream(tiny_model, follow, [_image(12)], gen))
+    assert "".join(TextStream(tiny_model, follow, [_image(12)], gen, session=session)) == fresh

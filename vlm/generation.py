@@ -3,6 +3,7 @@ as a token-step iterator that `generate` collects and `stream` turns into text d
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -71,17 +72,65 @@ def stop_token_ids(model) -> set[int]:
     return {i for i in ids if i is not None}
 
 
+class ConversationCache:
+    """The KV cache of one conversation's tokens so far, so that its next turn computes only the
+    new tokens: the image is neither re-encoded nor re-attended. One conversation (batch of 1)."""
+
+    def __init__(self):
+        self.ids: list[int] = []
+        self.past = None
+        self.images_key = ""
+
+    def reusable_length(self, ids: list[int], image_token_id: int, images_key: str = "") -> int:
+        """How many leading tokens of `ids` the cache already holds (0 if it cannot serve them).
+
+        Placeholder ids look the same for every image, so the images themselves (`images_key`, a
+        digest of their pixels) must match too."""
+        if self.past is None or images_key != self.images_key:
+            return 0
+        n = 0
+        for cached, new in zip(self.ids, ids):
+            if cached != new:
+                break
+            n += 1
+        n = min(n, len(ids) - 1)  # the last prompt token must be fed to get the next-token logits
+        last_image = max((i for i, t in enumerate(ids) if t == image_token_id), default=-1)
+        return n if last_image < n else 0  # reuse only when every image position is cached
+
+    def update(self, fed_ids: torch.Tensor, past, images_key: str) -> None:
+        self.ids, self.past, self.images_key = fed_ids[0].tolist(), past, images_key
+
+
+def images_digest(pixel_values: torch.Tensor | None) -> str:
+    if pixel_values is None:
+        return ""
+    return hashlib.sha1(pixel_values.detach().float().cpu().numpy().tobytes()).hexdigest()
+
+
 @torch.no_grad()
-def decode_steps(model, batch: Batch, gen: GenerationConfig) -> Iterator[torch.Tensor]:
+def decode_steps(model, batch: Batch, gen: GenerationConfig, session: ConversationCache | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence, step by step, until all stop or the budget ends.
 
     A finished sequence keeps yielding the pad id; callers cut each sequence at its first stop token.
+    With a `session` (one conversation), the prompt tokens it has cached are not computed again.
     """
+    if session is not None and (batch.input_ids.shape[0] != 1 or not gen.use_cache):
+        raise ConfigError("a conversation cache serves one conversation with use_cache on.")
     stops = torch.tensor(sorted(stop_token_ids(model)), device=batch.input_ids.device)
     generator = torch.Generator(device="cpu").manual_seed(gen.seed) if gen.seed is not None else None
     ids, mask = batch.input_ids, batch.attention_mask
-    out = model(ids, attention_mask=mask, pixel_values=batch.pixel_values,
-                position_ids=_positions(mask), use_cache=gen.use_cache)
+    key = images_digest(batch.pixel_values) if session else ""
+    reuse = session.reusable_length(ids[0].tolist(), model.image_token_id, key) if session else 0
+    if reuse:
+        # transformers 5: crop(-n) drops the last n cached tokens
+        session.past.crop(reuse - session.past.get_seq_length())
+        out = model(ids[:, reuse:], attention_mask=mask, position_ids=_positions(mask)[:, reuse:],
+                    past_key_values=session.past, use_cache=True)
+    else:
+        out = model(ids, attention_mask=mask, pixel_values=batch.pixel_values,
+                    position_ids=_positions(mask), use_cache=gen.use_cache)
+    if session is not None:
+        session.update(ids, out.past_key_values, key)
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     for _ in range(gen.max_new_tokens):
         token = _choose(out.logits[:, -1, :].float(), gen, generator)
@@ -96,6 +145,8 @@ def decode_steps(model, batch: Batch, gen: GenerationConfig) -> Iterator[torch.T
             position = _positions(mask)[:, -1:]
             out = model.llm(input_ids=token[:, None], attention_mask=mask, position_ids=position,
                             past_key_values=out.past_key_values, use_cache=True)
+            if session is not None:
+                session.update(ids, out.past_key_values, key)
         else:
             out = model(ids, attention_mask=mask, pixel_values=batch.pixel_values,
                         position_ids=_positions(mask), use_cache=False)
@@ -141,8 +192,9 @@ def generate(model, messages_batch, images, gen: GenerationConfig = GenerationCo
 class TextStream:
     """Text deltas of one reply as they are decoded; `num_tokens` counts the tokens so far."""
 
-    def __init__(self, model, messages: list[dict], images: list[Image.Image], gen: GenerationConfig = GenerationConfig()):
-        self.model, self.gen = model, gen
+    def __init__(self, model, messages: list[dict], images: list[Image.Image], gen: GenerationConfig = GenerationConfig(),
+                 session: ConversationCache | None = None):
+        self.model, self.gen, self.session = model, gen, session
         self.batch = prepare(model, [messages], [images])
         self.num_tokens = 0
 
@@ -150,7 +202,7 @@ class TextStream:
         stops = stop_token_ids(self.model)
         ids: list[int] = []
         shown = ""
-        for token in decode_steps(self.model, self.batch, self.gen):
+        for token in decode_steps(self.model, self.batch, self.gen, self.session):
             if int(token[0]) in stops:
                 break
             ids.append(int(token[0]))
