@@ -80,6 +80,8 @@ class ConversationCache:
         self.ids: list[int] = []
         self.past = None
         self.images_key = ""
+        self.last_reused = 0
+        """Prompt tokens the latest turn took from the cache."""
 
     def reusable_length(self, ids: list[int], image_token_id: int, images_key: str = "") -> int:
         """How many leading tokens of `ids` the cache already holds (0 if it cannot serve them).
@@ -121,6 +123,8 @@ def decode_steps(model, batch: Batch, gen: GenerationConfig, session: Conversati
     ids, mask = batch.input_ids, batch.attention_mask
     key = images_digest(batch.pixel_values) if session else ""
     reuse = session.reusable_length(ids[0].tolist(), model.image_token_id, key) if session else 0
+    if session is not None:
+        session.last_reused = reuse
     if reuse:
         # transformers 5: crop(-n) drops the last n cached tokens
         session.past.crop(reuse - session.past.get_seq_length())
@@ -197,6 +201,15 @@ class TextStream:
         self.model, self.gen, self.session = model, gen, session
         self.batch = prepare(model, [messages], [images])
         self.num_tokens = 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.batch.input_ids.shape[1])
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens served from the conversation cache (known once decoding has started)."""
+        return self.session.last_reused if self.session is not None else 0
 
     def __iter__(self) -> Iterator[str]:
         stops = stop_token_ids(self.model)

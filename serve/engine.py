@@ -1,0 +1,314 @@
+"""One loaded model behind a bounded request queue, shared by the Gradio app and the HTTP API.
+
+Concurrency: generation runs on `concurrency` worker threads (default 1). A conversation's KV
+cache is mutated in place while it decodes, and on one GPU parallel decodes mostly compete for
+the same device, so one at a time is the safe default; more workers only help on hardware with
+idle capacity. Requests beyond the running ones wait in a queue of at most `queue_size`; one
+more is refused at once with `EngineBusy` ("busy, try again"), which the API maps to HTTP 503.
+
+Each request gets a `Reply`: the worker pushes text deltas into it and the caller reads them
+(sync or async). Cancelling a reply (Stop button, client gone) stops the worker at the next
+token, so an abandoned request never holds the model.
+
+Conversations are keyed by an id chosen by the caller and hold their images and a
+`ConversationCache`, so a follow-up turn neither re-encodes the image nor recomputes its prefix;
+the least recently used ones are dropped beyond `max_conversations`.
+
+Logs carry ids, sizes, token counts and timings only: never message text, images or DICOM tags.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import queue
+import re
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Iterator
+
+from PIL import Image
+
+from vlm.errors import MedVLMError
+from vlm.generation import ConversationCache, GenerationConfig, TextStream
+from vlm.imaging import MedicalImage, load_image
+from vlm.prompts import REPORT_PROMPT
+
+log = logging.getLogger(__name__)
+
+_END = object()
+# "Impression:", "IMPRESSION", "## Impression", "**Impression:**" at the start of a line.
+_IMPRESSION = re.compile(r"^[ \t]*(?:#+[ \t]*)?\**[ \t]*impressions?[ \t]*:?[ \t]*\**[ \t]*:?", re.I | re.M)
+_FINDINGS = re.compile(r"^\s*(?:#+[ \t]*)?\**[ \t]*findings[ \t]*:?[ \t]*\**[ \t]*:?", re.I)
+
+
+class EngineBusy(MedVLMError):
+    """The request queue is full; the caller should try again shortly."""
+
+
+@dataclass
+class Conversation:
+    images: list[Image.Image] = field(default_factory=list)
+    cache: ConversationCache = field(default_factory=ConversationCache)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    """Held while the conversation decodes: its cache is not safe to share between two decodes."""
+    active: "Reply | None" = None
+
+
+class Reply:
+    """One streamed reply. Iterate it (or `async for` over `astream()`) to get the text deltas.
+
+    After the end: `finish_reason` ("stop", "length" or "cancelled"), `prompt_tokens`,
+    `cached_tokens` (prompt tokens served from the conversation's cache) and `completion_tokens`.
+    Leaving the loop early, or `cancel()`, stops the generation at the next token.
+    """
+
+    def __init__(self, max_new_tokens: int):
+        self.max_new_tokens = max_new_tokens
+        self.finish_reason: str | None = None
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+        self.completion_tokens = 0
+        self.first_token_at: float | None = None
+        self._items: queue.SimpleQueue = queue.SimpleQueue()
+        self._cancelled = threading.Event()
+        self._waker: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            while (item := self._items.get()) is not _END:
+                yield self._unwrap(item)
+        finally:
+            self.cancel()  # a no-op after the end; stops the worker if the reader left early
+
+    async def astream(self) -> AsyncIterator[str]:
+        """Async deltas without a thread per reader: the worker wakes this loop when it pushes."""
+        event = asyncio.Event()
+        self._waker = (asyncio.get_running_loop(), event)
+        try:
+            while True:
+                try:
+                    item = self._items.get_nowait()
+                except queue.Empty:
+                    event.clear()
+                    if self._items.empty():  # re-check after clear: a push may have come between
+                        await event.wait()
+                    continue
+                if item is _END:
+                    return
+                yield self._unwrap(item)
+        finally:
+            self.cancel()
+
+    async def atext(self) -> str:
+        return "".join([piece async for piece in self.astream()])
+
+    def text(self) -> str:
+        return "".join(self)
+
+    @staticmethod
+    def _unwrap(item):
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def _push(self, item) -> None:
+        self._items.put(item)
+        waker = self._waker
+        if waker is not None:
+            with contextlib.suppress(RuntimeError):  # the reader's loop has closed: nobody is listening
+                waker[0].call_soon_threadsafe(waker[1].set)
+
+
+class Engine:
+    """One loaded model, its request queue and its conversations (see the module docstring)."""
+
+    def __init__(self, model, concurrency: int = 1, queue_size: int = 16, max_image_bytes: int = 64 * 2**20,
+                 max_image_pixels: int = 50_000_000, max_conversations: int = 64, name: str = "medvlm"):
+        if concurrency < 1 or queue_size < 0 or max_conversations < 1:
+            raise ValueError("concurrency and max_conversations must be >= 1 and queue_size >= 0")
+        self.model = model
+        self.name = name
+        self.concurrency = concurrency
+        self.queue_size = queue_size
+        self.max_image_bytes = max_image_bytes
+        self.max_image_pixels = max_image_pixels
+        self.max_conversations = max_conversations
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="medvlm-generate")
+        self._lock = threading.Lock()  # guards _pending and _conversations
+        self._pending = 0
+        self._conversations: OrderedDict[str, Conversation] = OrderedDict()
+
+    # ---- images ---------------------------------------------------------------------------------
+
+    def load_image(self, source, window=None, frame: int | None = None) -> MedicalImage:
+        """Decode an upload (path or bytes) with this server's byte and pixel limits; InputError if unusable."""
+        start = time.perf_counter()
+        image = load_image(source, window=window, frame=frame, max_pixels=self.max_image_pixels,
+                           max_bytes=self.max_image_bytes)
+        h, w = image.pixels.shape[:2]
+        log.info("decoded an image: %dx%d, %d frame(s), %.0f ms", w, h, image.num_frames,
+                 1000 * (time.perf_counter() - start))
+        return image
+
+    def set_images(self, conversation_id: str, images: list[Image.Image]) -> None:
+        """Attach images to a conversation (its following turns use them)."""
+        self._conversation(conversation_id).images = list(images)
+
+    def images(self, conversation_id: str) -> list[Image.Image]:
+        with self._lock:
+            conversation = self._conversations.get(conversation_id)
+        return list(conversation.images) if conversation else []
+
+    def forget(self, conversation_id: str) -> None:
+        """Drop a conversation's images and cache (e.g. the user cleared the chat)."""
+        self.cancel(conversation_id)
+        with self._lock:
+            self._conversations.pop(conversation_id, None)
+
+    def cancel(self, conversation_id: str) -> None:
+        with self._lock:
+            conversation = self._conversations.get(conversation_id)
+        if conversation is not None and conversation.active is not None:
+            conversation.active.cancel()
+
+    # ---- generation -----------------------------------------------------------------------------
+
+    def chat(self, conversation_id: str, messages: list[dict], images: list[Image.Image] | None = None,
+             gen: GenerationConfig | None = None) -> Reply:
+        """Queue a reply to `messages` (role/content dicts, content text with one `<image>` marker
+        per image; markers go in front of the first user turn when there are none). `images`
+        replaces the conversation's images; None keeps those it has. Raises EngineBusy at once
+        when the queue is full; errors during generation (e.g. InputError) surface while reading."""
+        gen = gen or GenerationConfig()
+        conversation = self._conversation(conversation_id)
+        if images is not None:
+            conversation.images = list(images)
+        images = list(conversation.images)
+        messages = _with_markers(messages, self.model.config.image_marker, len(images))
+        reply = Reply(gen.max_new_tokens)
+        with self._lock:
+            if self._pending >= self.concurrency + self.queue_size:
+                raise EngineBusy(f"The server is busy ({self._pending} requests running or waiting); "
+                                 "please try again in a moment.")
+            self._pending += 1
+        try:
+            self._pool.submit(self._run, conversation_id, conversation, messages, images, gen, reply)
+        except RuntimeError:  # the pool was shut down
+            self._release()
+            raise EngineBusy("The server is shutting down.") from None
+        return reply
+
+    def draft_report(self, image: Image.Image, gen: GenerationConfig | None = None,
+                     conversation_id: str | None = None) -> dict[str, str]:
+        """Draft {"findings", "impression"} for one image with REPORT_PROMPT. When the model writes
+        no "Impression" heading, everything goes to findings and the impression is left empty for
+        the clinician to write."""
+        gen = gen or GenerationConfig(max_new_tokens=256)
+        # Keyed by the image, so drafting again for the same image reuses its encoded prefix.
+        key = conversation_id or "report-" + hashlib.sha1(image.convert("RGB").tobytes()).hexdigest()[:16]
+        text = self.chat(key, [{"role": "user", "content": REPORT_PROMPT}], [image], gen).text()
+        return split_report(text)
+
+    def close(self) -> None:
+        with self._lock:
+            for conversation in self._conversations.values():
+                if conversation.active is not None:
+                    conversation.active.cancel()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def pending(self) -> int:
+        """Requests running or waiting."""
+        with self._lock:
+            return self._pending
+
+    def _conversation(self, conversation_id: str) -> Conversation:
+        with self._lock:
+            conversation = self._conversations.pop(conversation_id, None) or Conversation()
+            self._conversations[conversation_id] = conversation  # most recently used last
+            while len(self._conversations) > self.max_conversations:
+                self._conversations.popitem(last=False)  # a running decode keeps its own reference
+            return conversation
+
+    def _release(self) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    def _stream(self, conversation: Conversation, messages: list[dict], images: list[Image.Image],
+                gen: GenerationConfig) -> TextStream:
+        """The model's token stream (a seam: tests substitute a slow fake here)."""
+        return TextStream(self.model, messages, images, gen, session=conversation.cache)
+
+    def _run(self, conversation_id: str, conversation: Conversation, messages, images, gen, reply: Reply) -> None:
+        """Worker: decode into `reply` until the end, the budget or a cancel; always end the reply."""
+        start = time.perf_counter()
+        try:
+            if reply.cancelled:  # given up while it waited in the queue
+                reply.finish_reason = "cancelled"
+                return
+            with conversation.lock:
+                conversation.active = reply
+                try:
+                    self._decode(conversation, messages, images, gen, reply)
+                finally:
+                    conversation.active = None
+        except MedVLMError as e:
+            reply.finish_reason = "error"
+            reply._push(e)
+        except Exception as e:  # a bug: full details in the server log, a plain message to the user
+            log.exception("generation failed in conversation %s", conversation_id[:16])
+            reply.finish_reason = "error"
+            reply._push(RuntimeError(f"Internal error while generating ({type(e).__name__}); see the server log."))
+        finally:
+            self._release()
+            reply._push(_END)
+            end = time.perf_counter()
+            log.info("conversation %s: %s; %d prompt tokens (%d cached), %d generated; first token %.2f s, "
+                     "total %.2f s", conversation_id[:16], reply.finish_reason, reply.prompt_tokens,
+                     reply.cached_tokens, reply.completion_tokens, (reply.first_token_at or end) - start, end - start)
+
+    def _decode(self, conversation: Conversation, messages, images, gen: GenerationConfig, reply: Reply) -> None:
+        stream = self._stream(conversation, messages, images, gen)
+        reply.prompt_tokens = stream.prompt_tokens
+        for delta in stream:
+            reply.cached_tokens = stream.cached_tokens
+            reply.first_token_at = reply.first_token_at or time.perf_counter()
+            reply.completion_tokens = stream.num_tokens
+            reply._push(delta)
+            if reply.cancelled:
+                break
+        reply.completion_tokens, reply.cached_tokens = stream.num_tokens, stream.cached_tokens
+        reply.finish_reason = ("cancelled" if reply.cancelled else
+                               "length" if stream.num_tokens >= gen.max_new_tokens else "stop")
+
+
+def _with_markers(messages: list[dict], marker: str, n_images: int) -> list[dict]:
+    """Put the image markers in front of the first user turn when no message carries one."""
+    messages = [dict(m) for m in messages]
+    if n_images and not any(marker in str(m.get("content", "")) for m in messages):
+        for m in messages:
+            if m.get("role") == "user":
+                m["content"] = "\n".join([marker] * n_images + [str(m.get("content", ""))])
+                break
+    return messages
+
+
+def split_report(text: str) -> dict[str, str]:
+    """Split a drafted report at its "Impression" heading; without one, all of it is findings."""
+    match = _IMPRESSION.search(text)
+    findings, impression = (text[:match.start()], text[match.end():]) if match else (text, "")
+    findings = _FINDINGS.sub("", findings, count=1)
+    return {"findings": findings.strip(), "impression": impression.strip()}
