@@ -1,0 +1,87 @@
+"""`medvlm eval TASK ...`, `medvlm eval score TASK ...` and `medvlm eval compare RUN_A RUN_B`.
+
+Heavy imports (torch, the model) happen inside the commands, so `medvlm --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from eval.tasks import TASKS
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a model on a benchmark, score answer files, compare runs")
+    tasks = p.add_subparsers(title="tasks", metavar="TASK")
+    for name in TASKS:
+        _add_task(tasks, name)
+    s = tasks.add_parser("score", help="score another system's answers (JSONL id+prediction, or LLaVA-Med "
+                                       "question_id+text) under the same rules")
+    s.add_argument("task", choices=TASKS)
+    s.add_argument("--predictions", type=Path, required=True, help="answers file (JSONL or JSON list)")
+    _add_data_options(s)
+    s.add_argument("--out", type=Path, default=None, help="folder for results.json, results.md and plots")
+    s.set_defaults(run=run_score)
+    c = tasks.add_parser("compare", help="side-by-side table of two runs' headline numbers")
+    c.add_argument("run_a", type=Path, help="run folder (or its results.json)")
+    c.add_argument("run_b", type=Path, help="run folder (or its results.json)")
+    c.set_defaults(run=run_compare)
+    for command in tasks.choices.values():  # --debug is accepted after the task too, as after any command
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.set_defaults(run=lambda args: (p.print_help(), 2)[1])
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, required=True, help="the dataset's folder or file")
+    p.add_argument("--split", default="test", help="split to use (default: test)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% intervals, 0 for none")
+
+
+def _add_task(tasks, name: str) -> None:
+    from vlm.cli import add_model_options
+
+    p = tasks.add_parser(name, help=f"evaluate a model on {name}")
+    _add_data_options(p)
+    p.add_argument("--out", type=Path, required=True, help="output folder (a rerun resumes there)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N items")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 16 for VQA, 160 for reports")
+    p.add_argument("--ablate-image", action="store_true", help="also answer with a blank image and report the delta")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_options(p)
+    p.set_defaults(run=run_eval, task=name)
+
+
+def run_eval(args) -> int:
+    from eval.plots import markdown
+    from eval.run import evaluate
+    from eval.tasks import load_task
+    from vlm.cli import load_model_from_args
+
+    task = load_task(args.task, args.data, split=args.split, limit=args.limit)
+    model = load_model_from_args(args)
+    model.eval()
+    results = evaluate(model, task, args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                       ablate_image=args.ablate_image, bootstrap=args.bootstrap, model_ref=args.model,
+                       progress=not args.no_progress)
+    print(markdown(results))
+    print(f"results in {args.out}")
+    return 0
+
+
+def run_score(args) -> int:
+    from eval.plots import markdown
+    from eval.run import score_predictions
+
+    results = score_predictions(args.task, args.predictions, args.data, split=args.split, out_dir=args.out,
+                                bootstrap=args.bootstrap)
+    print(markdown(results))
+    return 0
+
+
+def run_compare(args) -> int:
+    from eval.run import compare
+
+    print(compare(args.run_a, args.run_b))
+    return 0

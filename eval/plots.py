@@ -1,0 +1,256 @@
+"""The readable side of a results dict: the metric rules in words, the markdown table, the
+side-by-side comparison and the PNG plots. Pure presentation: nothing here scores anything.
+
+Figures are made with matplotlib's object API (Figure + Agg canvas), not pyplot, so no global
+figure state or GUI backend is involved.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# The numbers that lead results.md and `compare`, in this order (those a run has).
+HEADLINE = ["closed_strict", "closed_lenient", "open_exact", "open_recall", "open_f1", "open_bleu1",
+            "blank_closed_strict", "ablation_delta_closed_strict",
+            "bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "meteor", "cider",
+            "ce_micro_f1", "ce_macro_f1", "ce5_micro_f1", "ce5_macro_f1",
+            "ce_micro_f1_upos", "ce_macro_f1_upos", "ce5_micro_f1_upos", "ce5_macro_f1_upos"]
+
+_COMMON = {
+    "decoding": "Greedy decoding (temperature 0), one fixed prompt, a fixed max_new_tokens; predictions are "
+                "saved one JSON line per question, so a run resumes where it stopped.",
+    "missing": "A question without a prediction counts as an empty (wrong) answer.",
+    "bootstrap": "95% intervals: percentile bootstrap over questions (or reports), 1000 resamples unless "
+                 "stated, seed 0; the image-ablation delta uses a paired bootstrap (questions resampled jointly).",
+}
+RULES = {
+    "vqa": {
+        "normalization": "Answers and predictions are normalized as the official VQAv2 evaluation: lowercase, "
+                         "punctuation removed, number words to digits, articles dropped, contractions fixed.",
+        "closed_strict": "Closed questions, strict (MedEvalKit rule). Yes/no gold: the prediction contains exactly "
+                         "one of the whole words yes/no and it is the gold one ('yes and no' is wrong). Gold that "
+                         "is an option of an 'X or Y' question (or a listed choice): the prediction names the gold "
+                         "option and no other option. Multiple choice: a bare letter (B, B:, (B)) means that choice.",
+        "closed_lenient": "Closed questions, lenient (LLaVA-Med rule): the normalized gold answer is a substring "
+                          "of the normalized prediction ('no' is found in 'nodule').",
+        "open_exact": "Open questions: normalized prediction equals the normalized gold answer.",
+        "open_recall": "Open questions, LLaVA-Med recall: share of the distinct gold tokens present in the prediction.",
+        "open_f1": "Open questions: SQuAD-style token F1 (multiset overlap).",
+        "open_bleu1": "Open questions: sentence BLEU-1 (clipped unigram precision x brevity penalty), averaged.",
+        "ablation": "Image ablation: the same questions with a black image of the same size; delta = closed strict "
+                    "accuracy with the image minus with the blank image.",
+        **_COMMON,
+    },
+    "report": {
+        "bleu": "Corpus BLEU-1..4 as pycocoevalcap: clipped n-gram counts summed over the corpus, "
+                "closest-reference brevity penalty, lowercase word tokens without punctuation.",
+        "rouge_l": "ROUGE-L F-measure (beta 1.2) per report, averaged, as pycocoevalcap.",
+        "meteor": "METEOR as NLTK's meteor_score (exact and Porter-stem matches, no WordNet synonyms), averaged; "
+                  "not comparable with the Java METEOR 1.5 of pycocoevalcap.",
+        "cider": "CIDEr-D as pycocoevalcap (document frequencies from the evaluated references, x10); no interval, "
+                 "because its weights depend on the whole reference set.",
+        "clinical_efficacy": "The rule-based CheXpert-style labeler (eval/labeler.py) labels each generated report "
+                             "(and each text reference). Positive vs not positive; the _upos variants count "
+                             "uncertain as positive. Micro pools TP/FP/FN over the observations, macro averages the "
+                             "per-observation precision/recall/F1. ce = the 14 CheXpert observations (with label "
+                             "gold, those the gold annotates); ce5 = Atelectasis, Cardiomegaly, Consolidation, "
+                             "Edema, Pleural Effusion.",
+        "nih_gold": "nih-findings: the gold is the NIH ChestX-ray14 labels mapped to CheXpert (Effusion -> Pleural "
+                    "Effusion, Infiltration -> Lung Opacity, Mass and Nodule -> Lung Lesion, Pleural_Thickening -> "
+                    "Pleural Other; Emphysema, Fibrosis and Hernia have no CheXpert counterpart and are dropped); a "
+                    "mapped observation that is not listed is negative. Text metrics need text references and are "
+                    "not computed.",
+        **_COMMON,
+    },
+}
+
+
+def fmt(value, interval=None) -> str:
+    if value is None:
+        return "-"
+    text = f"{value:.3f}"
+    return f"{text} [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else text
+
+
+def _n_for(key: str, counts: dict):
+    if key.startswith(("closed", "blank_closed", "ablation")):
+        return counts.get("closed")
+    if key.startswith("open"):
+        return counts.get("open")
+    return counts.get("reports")
+
+
+def markdown(results: dict) -> str:
+    counts, metrics, ci = results["counts"], results["metrics"], results.get("ci95", {})
+    lines = [f"# {results['task']} ({results['split']}): {results.get('model', '')}", ""]
+    if results["kind"] == "vqa":
+        lines.append(f"{counts['questions']} questions: {counts['closed']} closed ({counts['closed_yes_no']} yes/no, "
+                     f"{counts['closed_other']} with named options) and {counts['open']} open.")
+    else:
+        lines.append(f"{counts['reports']} reports.")
+    lines.append(f"Predicted {counts['predicted']}, missing {counts['missing']}"
+                 + (f", unknown ids {counts['unknown_ids']}" if "unknown_ids" in counts else "") + ".")
+    if "decoding" in results:
+        d = results["decoding"]
+        lines.append(f"Greedy decoding, max_new_tokens {d['max_new_tokens']}, batch size {d['batch_size']}; "
+                     f"prompt `{results['prompt_template']!r}`.")
+    lines += ["", "| metric | value [95% CI] | n |", "|---|---|---|"]
+    lines += [f"| {k} | {fmt(metrics[k], ci.get(k))} | {_n_for(k, counts) or ''} |" for k in HEADLINE if k in metrics]
+    for word in ("yes", "no"):
+        if results.get("baselines", {}).get(f"closed_strict_always_{word}") is not None:
+            lines.append(f"| baseline: always '{word}' (closed strict) | "
+                         f"{results['baselines'][f'closed_strict_always_{word}']:.3f} | {counts['closed']} |")
+    lines += _type_table(results) + _confusion_table(results) + _ablation_lines(results) + _timing_lines(results)
+    lines += ["", "## Rules", ""] + [f"- **{k}**: {v}" for k, v in results.get("rules", RULES[results["kind"]]).items()]
+    return "\n".join(lines) + "\n"
+
+
+def _type_table(results: dict) -> list[str]:
+    types = results.get("by_question_type")
+    if not types:
+        return []
+    lines = ["", "## By question type", "", "| type | closed n | strict [95% CI] | lenient | open n | recall [95% CI] "
+             "| exact |", "|---|---|---|---|---|---|---|"]
+    closed, opened = types.get("closed", {}), types.get("open", {})
+    for q in sorted(set(closed) | set(opened)):
+        c, o = closed.get(q), opened.get(q)
+        lines.append(f"| {q} | {c['n'] if c else 0} | {fmt(c['strict'], c['ci95']) if c else '-'} | "
+                     f"{fmt(c['lenient']) if c else '-'} | {o['n'] if o else 0} | "
+                     f"{fmt(o['recall'], o['ci95']) if o else '-'} | {fmt(o['exact']) if o else '-'} |")
+    return lines
+
+
+def _confusion_table(results: dict) -> list[str]:
+    conf = results.get("yes_no_confusion")
+    if not conf:
+        return []
+    lines = ["", "## Yes/no questions (rows: gold, columns: prediction)", "",
+             "| gold \\ predicted | " + " | ".join(conf["predicted"]) + " |", "|---|---|---|---|"]
+    return lines + [f"| {g} | " + " | ".join(str(v) for v in row) + " |" for g, row in zip(conf["gold"], conf["matrix"])]
+
+
+def _ablation_lines(results: dict) -> list[str]:
+    ab = results.get("ablation")
+    if not ab:
+        return []
+    return ["", "## Image ablation (blank image)", "",
+            f"Closed strict with the image {fmt(ab['closed_strict_with_image'])}, with a blank image "
+            f"{fmt(ab['closed_strict_blank'])}: delta {fmt(ab['delta_closed_strict'], ab['delta_ci95'])}. "
+            f"Open recall with a blank image {fmt(ab['open_recall_blank'])}. "
+            f"Answers that changed: {fmt(ab['answers_changed'])}."]
+
+
+def _timing_lines(results: dict) -> list[str]:
+    t = results.get("timing")
+    if not t:
+        return []
+    rate = (f"{t['seconds_per_question']:.3f} s per question ({t['questions_per_second']:.2f} questions/s)"
+            if t.get("seconds_per_question") else "no timing")
+    return ["", "## Timing", "", f"{t['generated']} predictions generated in {t['generation_seconds']:.1f} s "
+            f"over {t['runs']} run(s) (image loading included): {rate}. This run generated "
+            f"{t['generated_this_run']} and took {t['seconds_this_run']:.1f} s with scoring."]
+
+
+def compare_table(a: dict, b: dict, name_a: str, name_b: str) -> str:
+    """Markdown table of two runs' headline numbers, with their 95% intervals and B - A."""
+    lines = [f"A: `{name_a}` ({a.get('model')}, {a.get('task')}/{a.get('split')})",
+             f"B: `{name_b}` ({b.get('model')}, {b.get('task')}/{b.get('split')})", ""]
+    if (a.get("task"), a.get("split")) != (b.get("task"), b.get("split")):
+        lines += ["**Warning: the runs are on different tasks or splits.**", ""]
+    lines += ["| metric | A | B | B - A |", "|---|---|---|---|"]
+    for n in ("questions", "closed", "open", "reports"):
+        if n in a.get("counts", {}) or n in b.get("counts", {}):
+            lines.append(f"| n {n} | {a.get('counts', {}).get(n, '-')} | {b.get('counts', {}).get(n, '-')} | |")
+    ma, mb = a.get("metrics", {}), b.get("metrics", {})
+    for key in [k for k in HEADLINE if k in ma or k in mb]:
+        va, vb = ma.get(key), mb.get(key)
+        delta = f"{vb - va:+.3f}" if va is not None and vb is not None else "-"
+        lines.append(f"| {key} | {fmt(va, a.get('ci95', {}).get(key))} | {fmt(vb, b.get('ci95', {}).get(key))} "
+                     f"| {delta} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---- plots --------------------------------------------------------------------------------------
+
+def write_plots(out: Path, results: dict) -> list[str]:
+    """Write the PNGs that fit this run; return their file names."""
+    written = []
+    if results.get("by_question_type"):
+        _save(_question_type_figure(results), out / "question_types.png", written)
+    conf = results.get("yes_no_confusion")
+    if conf and sum(map(sum, conf["matrix"])):
+        _save(_confusion_figure(conf), out / "yes_no_confusion.png", written)
+    if results.get("clinical_efficacy"):
+        _save(_efficacy_figure(results["clinical_efficacy"]["ce"]), out / "clinical_efficacy.png", written)
+    return written
+
+
+def _save(fig, path: Path, written: list[str]) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    written.append(path.name)
+
+
+def _bars(ax, groups: dict, key: str, title: str, color: str) -> None:
+    names = list(groups)
+    values = [groups[q][key] for q in names]
+    lows = [v - groups[q]["ci95"][0] if groups[q]["ci95"] else 0 for q, v in zip(names, values)]
+    highs = [groups[q]["ci95"][1] - v if groups[q]["ci95"] else 0 for q, v in zip(names, values)]
+    ax.barh(names, values, xerr=[lows, highs], color=color, capsize=3, ecolor="0.3")
+    for y, (q, v) in enumerate(zip(names, values)):
+        ax.text(1.02, y, f"{v:.2f}  n={groups[q]['n']}", va="center", fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.invert_yaxis()
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+
+
+def _question_type_figure(results: dict):
+    from matplotlib.figure import Figure
+
+    types = results["by_question_type"]
+    panels = [(k, t) for k, t in (("closed", "Closed: strict accuracy"), ("open", "Open: token recall")) if k in types]
+    rows = max(len(types[k]) for k, _ in panels)
+    fig = Figure(figsize=(5.2 * len(panels), 0.9 + 0.35 * rows), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (kind, title) in zip(axes, panels):
+        _bars(ax, types[kind], "strict" if kind == "closed" else "recall", title,
+              "tab:blue" if kind == "closed" else "tab:orange")
+    fig.suptitle(f"{results['task']} ({results['split']}) by question type, 95% bootstrap CI", fontsize=11)
+    return fig
+
+
+def _confusion_figure(conf: dict):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.6, 3.2), layout="constrained")
+    ax = fig.subplots()
+    ax.imshow(conf["matrix"], cmap="Blues")
+    peak = max(map(max, conf["matrix"])) or 1
+    for r, row in enumerate(conf["matrix"]):
+        for c, v in enumerate(row):
+            ax.text(c, r, str(v), ha="center", va="center", color="white" if v > peak / 2 else "black")
+    ax.set_xticks(range(3), conf["predicted"])
+    ax.set_yticks(range(2), conf["gold"])
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("gold")
+    ax.set_title("Closed yes/no questions", fontsize=10)
+    return fig
+
+
+def _efficacy_figure(block: dict):
+    from matplotlib.figure import Figure
+
+    per = block["per_label"]
+    names = list(per)
+    fig = Figure(figsize=(6, 0.9 + 0.3 * len(names)), layout="constrained")
+    ax = fig.subplots()
+    ax.barh(names, [per[n]["f1"] for n in names], color="tab:green")
+    for y, n in enumerate(names):
+        ax.text(1.02, y, f"support {per[n]['support']}", va="center", fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.invert_yaxis()
+    ax.set_title(f"Clinical efficacy F1 per observation (micro F1 {block['micro_f1']:.3f})", fontsize=10)
+    return fig
