@@ -373,6 +373,8 @@ def test_ui_draft_without_an_image_says_so(served):
 class SlowStream:
     """A fake generation: one token per `delay` seconds, or none until `gate` opens."""
 
+    prompt_tokens = cached_tokens = 0  # what TextStream reports; a fake has no prompt
+
     def __init__(self, n: int, delay: float = 0.0, gate: threading.Event | None = None):
         self.n, self.delay, self.gate, self.num_tokens = n, delay, gate, 0
 

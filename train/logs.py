@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from vlm.errors import ConfigError
+
 
 class MetricsLog:
     def __init__(self, out: Path, enabled: bool = True, tensorboard: bool = False, resume_step: int = 0):
@@ -18,7 +20,10 @@ class MetricsLog:
         for path in (self.train_csv, self.eval_csv):
             _truncate_after(path, resume_step)
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard.") from None
 
             self.writer = SummaryWriter(str(self.out / "tensorboard"))
 
