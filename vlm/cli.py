@@ -20,7 +20,7 @@ from vlm.generation import GenerationConfig
 from vlm.options import add_options, collect
 
 # Packages whose `cli` module adds sub-commands: each exposes add_commands(subparsers).
-COMMAND_MODULES = ("train.cli", "eval.cli", "serve.cli")
+COMMAND_MODULES = ("train.cli", "eval.cli", "eval.bench", "serve.cli")
 LANGUAGE_OVERRIDES = ["quantization", "dtype"]
 GENERATION_OPTIONS = ["max_new_tokens", "temperature", "top_p", "seed"]
 

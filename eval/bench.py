@@ -1,0 +1,154 @@
+"""`medvlm bench serving`: speed measurements that compare two variants in one process.
+
+- Follow-up turn vs first turn: time to first token of a second question about the same image
+  with the conversation cache (image and first turn reused) against the same follow-up computed
+  from scratch, and against the first turn.
+- API load: N concurrent `/v1/chat/completions` requests to a server on 127.0.0.1, all of which
+  must be answered; latency percentiles.
+
+Results go to a JSON file and a markdown table (docs/benchmarks.md holds the ones we measured).
+Nothing here is a test: speed is measured, never asserted.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import platform
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from vlm.generation import ConversationCache, GenerationConfig, TextStream
+
+
+def time_to_first_token(model, messages, images, gen, session=None) -> float:
+    start = time.perf_counter()
+    for _ in TextStream(model, messages, images, gen, session=session):
+        return time.perf_counter() - start
+    return time.perf_counter() - start
+
+
+def bench_follow_up(model, image, repeats: int = 5, max_new_tokens: int = 16) -> dict:
+    """Median time to first token: first turn, follow-up without cache, follow-up with cache."""
+    gen = GenerationConfig(max_new_tokens=max_new_tokens)
+    first = [{"role": "user", "content": f"{model.config.image_marker}\nWhat imaging modality is this?"}]
+    times = {"first_turn": [], "follow_up_no_cache": [], "follow_up_cached": []}
+    for _ in range(repeats):
+        session = ConversationCache()
+        times["first_turn"].append(time_to_first_token(model, first, [image], gen, session))
+        reply = "".join(TextStream(model, first, [image], gen))
+        follow = first + [{"role": "assistant", "content": reply},
+                          {"role": "user", "content": "Is there any abnormality? Describe it briefly."}]
+        # Bring the cache up to date with the reply as the app would have it after the first turn.
+        list(TextStream(model, first + [{"role": "assistant", "content": reply}], [image],
+                        GenerationConfig(max_new_tokens=1), session=session))
+        times["follow_up_no_cache"].append(time_to_first_token(model, follow, [image], gen))
+        times["follow_up_cached"].append(time_to_first_token(model, follow, [image], gen, session))
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    medians["speedup_cached_vs_no_cache"] = medians["follow_up_no_cache"] / medians["follow_up_cached"]
+    return {"seconds": times, "median_s": medians, "repeats": repeats}
+
+
+def bench_api_load(model, image_png: bytes, requests: int = 16, max_tokens: int = 16,
+                   concurrency: int = 1, timeout: float = 600.0) -> dict:
+    """Send `requests` concurrent chat requests to a local server; latency of each and percentiles."""
+    import httpx
+    import uvicorn
+
+    from serve.api import create_api
+    from serve.engine import Engine
+
+    engine = Engine(model, concurrency=concurrency, queue_size=requests)
+    server = uvicorn.Server(uvicorn.Config(create_api(engine), host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    data_url = "data:image/png;base64," + base64.b64encode(image_png).decode()
+    latencies: list[float | None] = [None] * requests
+    statuses: list[int] = [0] * requests
+
+    def one(i: int) -> None:
+        body = {"model": "medvlm", "max_tokens": max_tokens, "temperature": 0, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url}},
+            {"type": "text", "text": f"Question {i}: what imaging modality is this?"}]}]}
+        start = time.perf_counter()
+        response = httpx.post(url, json=body, timeout=timeout)
+        statuses[i] = response.status_code
+        latencies[i] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    workers = [threading.Thread(target=one, args=(i,)) for i in range(requests)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout)
+    wall = time.perf_counter() - start
+    server.should_exit = True
+    thread.join(30)
+    done = sorted(t for t in latencies if t is not None)
+    pct = {f"p{q}": done[min(len(done) - 1, int(round(q / 100 * (len(done) - 1))))] for q in (50, 90, 99)} if done else {}
+    return {"requests": requests, "answered_200": statuses.count(200), "statuses": statuses, "wall_s": wall,
+            "latency_s": pct, "max_tokens": max_tokens, "engine_concurrency": concurrency}
+
+
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def run_serving_bench(model, model_ref: str, image_path: str, out: str, requests: int = 16, repeats: int = 5) -> dict:
+    from vlm.imaging import load_image
+
+    image = load_image(image_path).to_pil()
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    results = {"model": model_ref, "image": Path(image_path).name, "machine": machine(),
+               "follow_up": bench_follow_up(model, image, repeats=repeats),
+               "api_load": bench_api_load(model, png.getvalue(), requests=requests)}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results, indent=2))
+    return results
+
+
+def markdown(results: dict) -> str:
+    f, a = results["follow_up"]["median_s"], results["api_load"]
+    lines = [f"Model `{results['model']}`, image `{results['image']}`; {results['machine']}.", "",
+             "| time to first token (median of %d) | seconds |" % results["follow_up"]["repeats"], "|---|---|",
+             f"| first turn | {f['first_turn']:.3f} |", f"| follow-up, recomputed from scratch | {f['follow_up_no_cache']:.3f} |",
+             f"| follow-up, conversation cache | {f['follow_up_cached']:.3f} |",
+             f"| speed-up of the cache | {f['speedup_cached_vs_no_cache']:.2f}x |", "",
+             f"| {a['requests']} concurrent API requests ({a['max_tokens']} tokens max, engine concurrency "
+             f"{a['engine_concurrency']}) | value |", "|---|---|",
+             f"| answered with 200 | {a['answered_200']} of {a['requests']} |", f"| wall time | {a['wall_s']:.2f} s |"]
+    lines += [f"| latency {k} | {v:.2f} s |" for k, v in a["latency_s"].items()]
+    return "\n".join(lines)
+
+
+def add_commands(sub) -> None:
+    from vlm.cli import add_model_options
+
+    p = sub.add_parser("bench", help="speed benchmarks (each compares two variants in one run)")
+    kinds = p.add_subparsers(title="benchmarks", metavar="BENCH")
+    s = kinds.add_parser("serving", help="follow-up vs first-turn latency and a 16-request API load test")
+    add_model_options(s)
+    s.add_argument("--image", required=True, help="PNG, JPEG or DICOM to ask about")
+    s.add_argument("--requests", type=int, default=16)
+    s.add_argument("--repeats", type=int, default=5)
+    s.add_argument("--out", default="runs/bench/serving.json")
+    s.set_defaults(run=run_bench_serving)
+
+
+def run_bench_serving(args) -> int:
+    from vlm.cli import load_model_from_args
+
+    model = load_model_from_args(args)
+    print(markdown(run_serving_bench(model, args.model, args.image, args.out, args.requests, args.repeats)))
+    return 0
