@@ -100,6 +100,47 @@ def bench_api_load(model, image_png: bytes, requests: int = 16, max_tokens: int 
             "latency_s": pct, "max_tokens": max_tokens, "engine_concurrency": concurrency}
 
 
+@torch.no_grad()
+def bench_eval_batching(model, questions: list[tuple[str, object]], batch_size: int = 16, max_new_tokens: int = 16) -> dict:
+    """Questions/s of our length-sorted batched greedy generation against a one-question-at-a-time
+    Hugging Face `generate` loop in the LLaVA-Med style, on the same questions; and how often the
+    two give the same answer tokens."""
+    from vlm.generation import generate_ids, prepare
+    from vlm.prompts import vqa_messages
+
+    gen = GenerationConfig(max_new_tokens=max_new_tokens)
+    start = time.perf_counter()
+    sequential = []
+    for question, image in questions:  # LLaVA-Med's model_vqa.py: one prompt, one generate() call
+        batch = prepare(model, [vqa_messages(question)], [[image]])
+        embeds = model.embed(batch.input_ids, batch.pixel_values)
+        out = model.llm.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask, do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=model.tokenizer.pad_token_id)
+        sequential.append(_cut(out[0].tolist(), model))
+    sequential_s = time.perf_counter() - start
+    start = time.perf_counter()
+    order = sorted(range(len(questions)), key=lambda i: len(questions[i][0]))  # similar lengths pad less
+    batched: dict[int, list[int]] = {}
+    for k in range(0, len(order), batch_size):
+        chunk = order[k:k + batch_size]
+        batch = prepare(model, [vqa_messages(questions[i][0]) for i in chunk], [[questions[i][1]] for i in chunk])
+        for i, ids in zip(chunk, generate_ids(model, batch, gen)):
+            batched[i] = ids
+    batched_s = time.perf_counter() - start
+    same = sum(batched[i] == sequential[i] for i in range(len(questions)))
+    n = len(questions)
+    return {"questions": n, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+            "sequential_q_per_s": n / sequential_s, "batched_q_per_s": n / batched_s,
+            "speedup": sequential_s / batched_s, "same_answer_tokens": same}
+
+
+def _cut(ids: list[int], model) -> list[int]:
+    from vlm.generation import stop_token_ids
+
+    stops = stop_token_ids(model)
+    return ids[:next((k for k, t in enumerate(ids) if t in stops), len(ids))]
+
+
 def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
@@ -132,6 +173,30 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def run_eval_bench(model, model_ref: str, vqa_rad: str, out: str, limit: int = 64, batch_size: int = 16) -> dict:
+    from eval.tasks import load_task
+    from vlm.imaging import load_image
+
+    task = load_task("vqa-rad", vqa_rad, split="test", limit=limit)
+    questions = [(item.question, load_image(item.image).to_pil()) for item in task.items]
+    results = {"model": model_ref, "task": f"vqa-rad test, first {len(questions)} questions", "machine": machine(),
+               "eval_batching": bench_eval_batching(model, questions, batch_size=batch_size)}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results, indent=2))
+    return results
+
+
+def markdown_eval(results: dict) -> str:
+    b = results["eval_batching"]
+    return "\n".join([
+        f"Model `{results['model']}`, {results['task']}; {results['machine']}.", "",
+        f"| greedy, {b['max_new_tokens']} new tokens max | questions/s |", "|---|---|",
+        f"| one question per `generate()` call (LLaVA-Med style) | {b['sequential_q_per_s']:.2f} |",
+        f"| medvlm, length-sorted batches of {b['batch_size']} | {b['batched_q_per_s']:.2f} |",
+        f"| speed-up | {b['speedup']:.2f}x |",
+        f"| same answer tokens | {b['same_answer_tokens']} of {b['questions']} |"])
+
+
 def add_commands(sub) -> None:
     from vlm.cli import add_model_options
 
@@ -144,6 +209,21 @@ def add_commands(sub) -> None:
     s.add_argument("--repeats", type=int, default=5)
     s.add_argument("--out", default="runs/bench/serving.json")
     s.set_defaults(run=run_bench_serving)
+    e = kinds.add_parser("eval", help="batched evaluation vs a one-question-at-a-time generate loop")
+    add_model_options(e)
+    e.add_argument("--data", required=True, help="the vqa_rad folder")
+    e.add_argument("--limit", type=int, default=64, help="first N test questions")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--out", default="runs/bench/eval.json")
+    e.set_defaults(run=run_bench_eval)
+
+
+def run_bench_eval(args) -> int:
+    from vlm.cli import load_model_from_args
+
+    model = load_model_from_args(args)
+    print(markdown_eval(run_eval_bench(model, args.model, args.data, args.out, args.limit, args.batch_size)))
+    return 0
 
 
 def run_bench_serving(args) -> int:
