@@ -9,6 +9,7 @@ server log only), hence `show_error=False`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import tempfile
@@ -44,19 +45,25 @@ def build_app(engine: Engine, auth: tuple[str, str] | None = None, max_body_byte
                                max_file_size=engine.max_image_bytes, theme=gr.themes.Soft())
 
 
+@contextlib.contextmanager
+def _user_errors(name: str):
+    """Show a MedVLMError's message; hide anything else behind INTERNAL (details go to the log)."""
+    try:
+        yield
+    except gr.Error:
+        raise
+    except MedVLMError as e:
+        raise gr.Error(str(e), print_exception=False) from None
+    except Exception:
+        log.exception("UI handler %s failed", name)
+        raise gr.Error(INTERNAL, print_exception=False) from None
+
+
 def _readable(fn):
-    """Show a MedVLMError's message; hide anything else behind INTERNAL."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        try:
+        with _user_errors(fn.__name__):
             return fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except MedVLMError as e:
-            raise gr.Error(str(e), print_exception=False) from None
-        except Exception:
-            log.exception("UI handler %s failed", fn.__name__)
-            raise gr.Error(INTERNAL, print_exception=False) from None
     return wrapper
 
 
@@ -64,16 +71,9 @@ def _readable_stream(fn):
     """_readable for async generators (closing one, e.g. on Stop, still closes the inner one)."""
     @functools.wraps(fn)
     async def wrapper(*args, **kwargs):
-        try:
+        with _user_errors(fn.__name__):
             async for item in fn(*args, **kwargs):
                 yield item
-        except gr.Error:
-            raise
-        except MedVLMError as e:
-            raise gr.Error(str(e), print_exception=False) from None
-        except Exception:
-            log.exception("UI handler %s failed", fn.__name__)
-            raise gr.Error(INTERNAL, print_exception=False) from None
     return wrapper
 
 
