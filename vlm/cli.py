@@ -172,6 +172,7 @@ def _add_init(sub) -> None:
     p.add_argument("out", type=Path, help="folder to create")
     p.add_argument("--preset", default="tiny", help="a preset in train/configs (default: tiny)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--exist-ok", action="store_true", help="keep OUT if it already holds a checkpoint")
     p.set_defaults(run=run_init)
 
 
@@ -192,6 +193,9 @@ def run_init(args) -> int:
     from vlm.config import MedVLMConfig, from_dict
     from vlm.model import MedVLM
 
+    if args.exist_ok and (args.out / "config.json").is_file():
+        print(f"{args.out} already holds a checkpoint; keeping it")
+        return 0
     if args.out.exists() and any(args.out.iterdir()):
         raise ConfigError(f"{args.out} exists and is not empty; choose a new folder.")
     config = from_dict(MedVLMConfig, load_preset(args.preset).get("model", {}), where=f"preset {args.preset}.model")
