@@ -105,7 +105,7 @@ def bench_eval_batching(model, questions: list[tuple[str, object]], batch_size: 
     """Questions/s of our length-sorted batched greedy generation against a one-question-at-a-time
     Hugging Face `generate` loop in the LLaVA-Med style, on the same questions; and how often the
     two give the same answer tokens."""
-    from vlm.generation import generate_ids, prepare
+    from vlm.generation import cut_at_stop, generate_ids, prepare, stop_token_ids
     from vlm.prompts import vqa_messages
 
     gen = GenerationConfig(max_new_tokens=max_new_tokens)
@@ -116,7 +116,7 @@ def bench_eval_batching(model, questions: list[tuple[str, object]], batch_size: 
         embeds = model.embed(batch.input_ids, batch.pixel_values)
         out = model.llm.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask, do_sample=False,
                                  max_new_tokens=max_new_tokens, pad_token_id=model.tokenizer.pad_token_id)
-        sequential.append(_cut(out[0].tolist(), model))
+        sequential.append(cut_at_stop(out[0].tolist(), stop_token_ids(model)))
     sequential_s = time.perf_counter() - start
     start = time.perf_counter()
     order = sorted(range(len(questions)), key=lambda i: len(questions[i][0]))  # similar lengths pad less
@@ -132,13 +132,6 @@ def bench_eval_batching(model, questions: list[tuple[str, object]], batch_size: 
     return {"questions": n, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
             "sequential_q_per_s": n / sequential_s, "batched_q_per_s": n / batched_s,
             "speedup": sequential_s / batched_s, "same_answer_tokens": same}
-
-
-def _cut(ids: list[int], model) -> list[int]:
-    from vlm.generation import stop_token_ids
-
-    stops = stop_token_ids(model)
-    return ids[:next((k for k, t in enumerate(ids) if t in stops), len(ids))]
 
 
 def machine() -> str:

@@ -37,7 +37,7 @@ from PIL import Image
 from vlm.errors import MedVLMError
 from vlm.generation import ConversationCache, GenerationConfig, TextStream
 from vlm.imaging import MedicalImage, load_image
-from vlm.prompts import REPORT_PROMPT
+from vlm.prompts import REPORT_PROMPT, user_message
 
 log = logging.getLogger(__name__)
 
@@ -299,10 +299,9 @@ def _with_markers(messages: list[dict], marker: str, n_images: int) -> list[dict
     """Put the image markers in front of the first user turn when no message carries one."""
     messages = [dict(m) for m in messages]
     if n_images and not any(marker in str(m.get("content", "")) for m in messages):
-        for m in messages:
-            if m.get("role") == "user":
-                m["content"] = "\n".join([marker] * n_images + [str(m.get("content", ""))])
-                break
+        first = next((i for i, m in enumerate(messages) if m.get("role") == "user"), None)
+        if first is not None:
+            messages[first] = user_message(str(messages[first].get("content", "")), marker, n_images)
     return messages
 
 

@@ -149,7 +149,7 @@ def _optimizer_step(stage, model, params, optimizer, scheduler, order, train_set
     start = time.perf_counter()
     loss_sum, samples, tokens, extra = 0.0, 0, 0, {}
     for _ in range(cfg.grad_accum):
-        batch = _to_device(stage.collate([train_set[i] for i in order.next_indices()]), device)
+        batch = to_device(stage.collate([train_set[i] for i in order.next_indices()]), device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg.precision, device)):
             stats = stage.step(model, batch)
         (stats.loss / cfg.grad_accum).backward()
@@ -179,7 +179,7 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
+def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from train.data import ConversationRecord, load_conversations, load_pairs
+from train.loop import to_device
 from train.stage import StepStats
 from vlm.checkpoint import load_trained_parts, save_checkpoint
 from vlm.config import MedVLMConfig, to_dict
@@ -124,7 +125,7 @@ class VLMStage:
         losses = []
         for start in range(0, min(len(val_set), self.cfg.val_batches * self.train_batch), self.train_batch):
             batch = self.collate(val_set[start: start + self.train_batch])
-            batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            batch = to_device(batch, model.device)
             losses.append(float(self.step(model, batch).loss))
         model.train()
         return {"val_loss": sum(losses) / len(losses)}

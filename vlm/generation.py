@@ -172,19 +172,16 @@ def _choose(logits: torch.Tensor, gen: GenerationConfig, generator) -> torch.Ten
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
+def cut_at_stop(ids: list[int], stops: set[int]) -> list[int]:
+    """The ids before the first stop token."""
+    return ids[:next((k for k, t in enumerate(ids) if t in stops), len(ids))]
+
+
 def generate_ids(model, batch: Batch, gen: GenerationConfig) -> list[list[int]]:
     """Generated token ids per sequence, cut before the first stop token."""
     stops = stop_token_ids(model)
     steps = [token.tolist() for token in decode_steps(model, batch, gen)]
-    results = []
-    for row in range(batch.input_ids.shape[0]):
-        seq = []
-        for step in steps:
-            if step[row] in stops:
-                break
-            seq.append(step[row])
-        results.append(seq)
-    return results
+    return [cut_at_stop([step[row] for step in steps], stops) for row in range(batch.input_ids.shape[0])]
 
 
 def generate(model, messages_batch, images, gen: GenerationConfig = GenerationConfig()) -> list[str]:
