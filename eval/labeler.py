@@ -252,15 +252,18 @@ def nih_to_chexpert(finding_labels: str | Iterable[str]) -> dict[str, int | None
 
     NIH labels are exhaustive for the findings they cover, so a mapped observation that is not
     listed is 0; observations NIH does not annotate (Fracture, Support Devices, Enlarged
-    Cardiomediastinum) are None.
+    Cardiomediastinum) are None. "No Finding" follows the CheXpert aggregation that `label_report`
+    applies to text: 1 when no mapped observation is positive. An image labeled only Emphysema,
+    Fibrosis or Hernia (no CheXpert counterpart) is therefore "No Finding" on both sides.
     """
     names = finding_labels.split("|") if isinstance(finding_labels, str) else list(finding_labels)
     unknown = [n for n in names if n not in NIH_TO_CHEXPERT]
     if unknown:
         raise ValueError(f"not NIH ChestX-ray14 labels: {unknown}")
     covered = {v for v in NIH_TO_CHEXPERT.values() if v}
-    positive = {NIH_TO_CHEXPERT[n] for n in names if NIH_TO_CHEXPERT[n]}
-    return {o: (int(o in positive) if o in covered else None) for o in OBSERVATIONS}
+    positive = {NIH_TO_CHEXPERT[n] for n in names if NIH_TO_CHEXPERT[n] and n != "No Finding"}
+    labels = {o: (int(o in positive) if o in covered else None) for o in OBSERVATIONS}
+    return {**labels, "No Finding": int(not positive)}
 
 
 def _binary(label: int | None, uncertain_as_positive: bool) -> bool:

@@ -100,6 +100,12 @@ def markdown(results: dict) -> str:
         if results.get("baselines", {}).get(f"closed_strict_always_{word}") is not None:
             lines.append(f"| baseline: always '{word}' (closed strict) | "
                          f"{results['baselines'][f'closed_strict_always_{word}']:.3f} | {counts['closed']} |")
+    majority = results.get("baselines", {}).get("majority_class")
+    if majority is not None:
+        b = results["baselines"]
+        lines.append(f"| baseline: every report '{', '.join(majority) or 'nothing'}' (the majority label set, "
+                     f"{b['majority_share']:.0%} of reports), ce_micro_f1 / ce_macro_f1 | "
+                     f"{b['ce_micro_f1']:.3f} / {b['ce_macro_f1']:.3f} | {counts['reports']} |")
     lines += _type_table(results) + _confusion_table(results) + _ablation_lines(results) + _timing_lines(results)
     lines += ["", "## Rules", ""] + [f"- **{k}**: {v}" for k, v in results.get("rules", RULES[results["kind"]]).items()]
     return "\n".join(lines) + "\n"

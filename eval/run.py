@@ -335,8 +335,27 @@ def _score_reports(items: list[Item], predictions: dict[str, str], n_boot: int) 
                         lambda idx, obs=obs, upos=upos, avg=avg: clinical_efficacy(
                             [pred_labels[i] for i in idx], [gold[i] for i in idx], obs, upos)[f"{avg}_f1"],
                         len(items), n=n_boot))
-    return {"metrics": metrics, "ci95": ci, "clinical_efficacy": efficacy,
-            "counts": {"reports": len(items), "text_references": text_refs}}
+    results = {"metrics": metrics, "ci95": ci, "clinical_efficacy": efficacy,
+               "counts": {"reports": len(items), "text_references": text_refs}}
+    if not text_refs:
+        results["baselines"] = _majority_report_baseline(gold, observed)
+    return results
+
+
+def _majority_report_baseline(gold: list[dict], observed: list[str]) -> dict:
+    """The floor to beat: every image given the most frequent gold label set of the evaluated split
+    (for NIH, "No Finding"), scored by the same clinical-efficacy code. Taking the majority from the
+    evaluated split itself can only make this baseline stronger than a training-split majority."""
+    from collections import Counter
+
+    def positives(labels: dict) -> tuple:
+        return tuple(o for o in observed if labels.get(o) == 1)
+
+    majority, count = Counter(positives(g) for g in gold).most_common(1)[0]
+    constant = [{o: int(o in majority) for o in observed}] * len(gold)
+    block = clinical_efficacy(constant, gold, observed, uncertain_as_positive=False)
+    return {"majority_class": list(majority), "majority_share": count / len(gold),
+            "ce_micro_f1": block["micro_f1"], "ce_macro_f1": block["macro_f1"]}
 
 
 # ---- other systems' answers, comparisons, output files -----------------------------------------

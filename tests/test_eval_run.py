@@ -268,3 +268,12 @@ def test_nih_findings_scores_reports_against_mapped_labels(tmp_path):
     assert r["metrics"]["ce5_micro_p"] == pytest.approx(p)
     assert r["metrics"]["ce5_micro_r"] == pytest.approx(rec)
     assert r["metrics"]["ce5_micro_f1"] == pytest.approx(2 * p * rec / (p + rec))
+    # The majority-class floor: every report "No Finding", scored over the same 11 observations.
+    base = r["baselines"]
+    assert base["majority_class"] == ["No Finding"]
+    normal = sum(it.gold_labels["No Finding"] == 1 for it in task.items)
+    assert base["majority_share"] == pytest.approx(normal / len(task.items))
+    observed = r["clinical_efficacy"]["ce"]["observations"]
+    missed = sum(it.gold_labels[o] == 1 for it in task.items for o in observed if o != "No Finding")
+    fp = len(task.items) - normal
+    assert base["ce_micro_f1"] == pytest.approx(2 * normal / (2 * normal + fp + missed))

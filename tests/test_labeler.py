@@ -310,5 +310,8 @@ def test_nih_mapping():
     assert labels["Cardiomegaly"] == 0  # NIH labels are exhaustive for what they cover
     assert labels["Fracture"] is None and labels["Support Devices"] is None  # not annotated in NIH
     assert labels["No Finding"] == 0
+    # CheXpert has no Emphysema: an image labeled only with it is "No Finding", as label_report says of its text
+    assert nih_to_chexpert("Emphysema")["No Finding"] == 1
+    assert label_report("The lungs are hyperinflated with emphysema.")["No Finding"] == 1
     normal = nih_to_chexpert(["No Finding"])
     assert normal["No Finding"] == 1 and normal["Pneumothorax"] == 0

@@ -188,3 +188,31 @@ def test_follow_up_turn_reuses_the_conversation_cache(tiny_model):
     assert session.reusable_length(ids, tiny_model.image_token_id, other_key) == 0
     fresh = "".join(TextStream(tiny_model, follow, [_image(12)], gen))
     assert "".join(TextStream(tiny_model, follow, [_image(12)], gen, session=session)) == fresh
+
+
+def test_loss_over_kept_logits_equals_the_llms_full_logits_loss(tiny_model):
+    """forward() computes vocabulary logits only where a supervised token is predicted; the loss
+    must be the LLM's own (all positions) mean cross-entropy, padding and masked prompts included."""
+    rows = [tiny_model.prompts.encode(_ask(q) + [{"role": "assistant", "content": a}])
+            for q, a in (("Is the heart enlarged?", "Yes."), ("Which plane?", "Axial, at the level of the liver."))]
+    width = max(len(r.input_ids) for r in rows)
+    pad = tiny_model.tokenizer.pad_token_id or 0
+    ids = torch.tensor([[pad] * (width - len(r.input_ids)) + r.input_ids for r in rows])
+    labels = torch.tensor([[-100] * (width - len(r.labels)) + r.labels for r in rows])
+    mask = (torch.arange(width)[None] >= torch.tensor([[width - len(r.input_ids)] for r in rows])).long()
+    pixels = tiny_model.preprocess([_image(1), _image(2)])
+    with torch.no_grad():
+        ours = tiny_model(ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
+        full = tiny_model.llm(inputs_embeds=tiny_model.embed(ids, pixels), attention_mask=mask, labels=labels).loss
+    assert labels.ne(-100).sum() < labels.numel() / 2  # the test means something: most positions unsupervised
+    torch.testing.assert_close(ours, full, rtol=1e-5, atol=1e-6)
+
+
+def test_train_mode_leaves_a_frozen_vision_tower_in_eval_mode(tiny_model):
+    """Batch norm in a frozen CNN trunk must keep its running statistics while the LLM trains."""
+    tiny_model.train()
+    assert tiny_model.llm.training and tiny_model.projector.training
+    assert not any(m.training for m in tiny_model.vision.modules())
+    tiny_model.config = tiny_model.config.replace(vision={"trainable": True})
+    tiny_model.train()
+    assert tiny_model.vision.training

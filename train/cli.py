@@ -8,6 +8,7 @@ Every field can be overridden on the command line; the options are derived from 
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from pathlib import Path
 
@@ -64,6 +65,12 @@ def add_commands(sub) -> None:
     vqa.add_argument("--vqa-rad", required=True, help="the vqa_rad folder (trainset.json, images/)")
     vqa.add_argument("--out", required=True, help="folder for train.json (train images) and val.json (val images)")
     vqa.set_defaults(run=run_vqa_rad_data)
+    both = stages.add_parser("instruct-data", help="write the demo's instruct set: VQA-RAD conversations + NIH "
+                                                   "report-drafting conversations")
+    both.add_argument("--nih", required=True, help="the nih_cxr folder (labels.csv, images/)")
+    both.add_argument("--vqa-rad", required=True, help="the vqa_rad folder (trainset.json, images/)")
+    both.add_argument("--out", required=True, help="folder for train.json and val.json (and the parts of each)")
+    both.set_defaults(run=run_instruct_data)
 
 
 def run_vqa_rad_data(args) -> int:
@@ -73,6 +80,22 @@ def run_vqa_rad_data(args) -> int:
     n_train = write_vqa_rad_conversations(trainset, out / "train.json", buckets=("train",))
     n_val = write_vqa_rad_conversations(trainset, out / "val.json", buckets=("val",))
     print(f"conversations: train {n_train}, val {n_val} -> {out}")
+    return 0
+
+
+def run_instruct_data(args) -> int:
+    """VQA-RAD train/val buckets and NIH train/val splits, each written alone and combined."""
+    from train.captions import write_vqa_rad_conversations
+    from train.reports import write_nih_report_conversations
+
+    out = Path(args.out)
+    for split in ("train", "val"):
+        n_vqa = write_vqa_rad_conversations(Path(args.vqa_rad) / "trainset.json", out / f"vqa_rad_{split}.json",
+                                            buckets=(split,))
+        n_nih = write_nih_report_conversations(Path(args.nih) / "labels.csv", split, out / f"nih_reports_{split}.json")
+        parts = [json.loads((out / f"{name}_{split}.json").read_text()) for name in ("vqa_rad", "nih_reports")]
+        (out / f"{split}.json").write_text(json.dumps(parts[0] + parts[1], indent=1))
+        print(f"{split}: {n_vqa} VQA-RAD + {n_nih} NIH report conversations -> {out / f'{split}.json'}")
     return 0
 
 

@@ -17,7 +17,7 @@ from vlm.config import MedVLMConfig
 from vlm.errors import InputError
 from vlm.language import attach_lora, load_language_model
 from vlm.projector import Projector
-from vlm.prompts import PromptEncoder
+from vlm.prompts import IGNORE_INDEX, PromptEncoder
 from vlm.vision import VisionTower, load_vision_tower
 
 
@@ -95,14 +95,31 @@ class MedVLM(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None, position_ids=None,
                 past_key_values=None, use_cache: bool = False):
-        return self.llm(
-            inputs_embeds=self.embed(input_ids, pixel_values),
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            labels=labels,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-        )
+        """The LLM's output for the prompt with images scattered in; with `labels`, `.loss` is the
+        mean next-token cross-entropy over the supervised (not IGNORE_INDEX) tokens."""
+        embeds = self.embed(input_ids, pixel_values)
+        if labels is None:
+            return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                            past_key_values=past_key_values, use_cache=use_cache)
+        # Vocabulary logits only where some row predicts a supervised token: [B, T, V] for the whole
+        # batch costs about a fifth of a small LLM's training step and most of its activation memory.
+        targets = labels[:, 1:]
+        keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                       logits_to_keep=keep, use_cache=False)
+        kept = targets[:, keep]
+        total = nn.functional.cross_entropy(out.logits.float().flatten(0, 1), kept.flatten(),
+                                            ignore_index=IGNORE_INDEX, reduction="sum")
+        out.loss = total / (kept != IGNORE_INDEX).sum().clamp(min=1)
+        return out
+
+    def train(self, mode: bool = True):
+        """A frozen vision tower stays in eval mode: a CNN trunk's batch norm would otherwise switch to
+        batch statistics and overwrite its running statistics during LLM training."""
+        super().train(mode)
+        if not self.config.vision.trainable:
+            self.vision.eval()
+        return self
 
     def trainable_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """The parts a checkpoint stores: projector always, the vision tower when it is not a hub base."""

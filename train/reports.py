@@ -1,0 +1,56 @@
+"""Report-drafting conversations from NIH ChestX-ray14 labels.
+
+Each image's weak labels become a findings paragraph assembled from the project's own sentences
+(train/templates/nih_findings.yaml): one sentence per finding, in a fixed clinical order, or a
+normal paragraph for "No Finding". The sentence variants are picked by a seeded RNG keyed by the
+image name, so a rerun writes the same file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+from train.clip import _label_rows
+
+TEMPLATES = "templates/nih_findings.yaml"
+
+
+@cache
+def findings_templates() -> dict:
+    """{"findings": {label: [sentences]}, "normal": [[sentences] per group]} from the repo's YAML."""
+    import yaml
+
+    return yaml.safe_load((resources.files("train") / TEMPLATES).read_text(encoding="utf-8"))
+
+
+def findings_paragraph(findings: set[str] | frozenset[str], rng: random.Random) -> str:
+    """A findings paragraph for NIH labels `findings` (empty for "No Finding")."""
+    templates = findings_templates()
+    unknown = set(findings) - set(templates["findings"])
+    if unknown:
+        raise ValueError(f"no sentences for NIH label(s) {sorted(unknown)}")
+    if not findings:
+        return " ".join(rng.choice(group) for group in templates["normal"])
+    return " ".join(rng.choice(sentences) for label, sentences in templates["findings"].items() if label in findings)
+
+
+def write_nih_report_conversations(labels_csv: str | Path, split: str, out_json: str | Path, seed: int = 0) -> int:
+    """One report-drafting conversation per image of `split` -> a LLaVA JSON list; returns the count."""
+    from vlm.prompts import REPORT_PROMPT
+
+    records = []
+    for image, findings in _label_rows(Path(labels_csv), split):
+        key = hashlib.sha1(f"{seed}:{image.name}".encode()).hexdigest()
+        paragraph = findings_paragraph(findings, random.Random(int(key[:16], 16)))
+        records.append({"id": f"nih-{image.stem}", "image": str(image.resolve()),
+                        "conversations": [{"from": "human", "value": REPORT_PROMPT},
+                                          {"from": "gpt", "value": paragraph}]})
+    out = Path(out_json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(records, indent=1))
+    return len(records)
