@@ -83,3 +83,19 @@ def test_report_conversations_cover_the_split_and_are_reproducible(tmp_path):
     assert n == 53 and (tmp_path / "a.json").read_text() == (tmp_path / "b.json").read_text()
     first = json.loads((tmp_path / "a.json").read_text())[0]
     assert first["conversations"][0]["value"].startswith("<image>") and first["conversations"][1]["value"]
+
+
+@pytest.mark.skipif(not NIH.is_dir(), reason="needs ../shared/data (the real NIH and VQA-RAD samples)")
+def test_instruct_data_command_writes_both_parts_and_their_union(tmp_path, capsys):
+    from vlm.cli import main
+
+    assert main(["train", "instruct-data", "--nih", str(NIH), "--vqa-rad", str(NIH.parent / "vqa_rad"),
+                 "--out", str(tmp_path)]) == 0
+    for split in ("train", "val"):
+        union = json.loads((tmp_path / f"{split}.json").read_text())
+        parts = [json.loads((tmp_path / f"{p}_{split}.json").read_text()) for p in ("vqa_rad", "nih_reports")]
+        assert union == parts[0] + parts[1] and parts[0] and parts[1]
+    # image-disjoint: no VQA-RAD image is in both the train and the val conversations
+    images = [{r["image"] for r in json.loads((tmp_path / f"vqa_rad_{s}.json").read_text())} for s in ("train", "val")]
+    assert not images[0] & images[1]
+    assert "train: 475 VQA-RAD + 467 NIH" in capsys.readouterr().out

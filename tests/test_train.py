@@ -251,3 +251,43 @@ def test_data_parallel_under_torchrun_uses_the_same_command(data, tiny_llm_dir, 
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(_losses(out)) == 2  # one row per step, written by rank 0 only
     assert (out / "final" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+class _ScriptedStage:
+    """evaluate() returns the next scripted metrics; save() records the step it was called at."""
+
+    def __init__(self, scripted: list[dict]):
+        self.scripted, self.step = list(scripted), 0
+
+    def evaluate(self, model, val_set):
+        return self.scripted.pop(0)
+
+    def save(self, model, folder: Path):
+        (folder / "step.txt").write_text(str(self.step))
+
+
+@pytest.mark.parametrize("metric, values, best_step", [("auroc/val/mean", [0.60, 0.65, 0.62], 2),
+                                                       ("val_loss", [3.0, 2.5, 2.7], 2),
+                                                       ("val_loss", [2.0, 2.5, 2.7], 1)])
+def test_keep_best_keeps_the_model_of_the_best_evaluation(metric, values, best_step, tmp_path):
+    from train.logs import MetricsLog
+    from train.loop import _evaluate
+
+    stage = _ScriptedStage([{metric: v} for v in values])
+    log = MetricsLog(tmp_path, enabled=True, tensorboard=False, resume_step=0)
+    for step in (1, 2, 3):
+        stage.step = step
+        _evaluate(stage, None, [], step, log, tmp_path, metric)
+    assert (tmp_path / "best" / "step.txt").read_text() == str(best_step)
+    assert json.loads((tmp_path / "best.json").read_text()) == {"metric": metric, "value": values[best_step - 1],
+                                                               "step": best_step}
+
+
+def test_keep_best_names_the_metrics_when_it_is_not_one(tmp_path):
+    from train.logs import MetricsLog
+    from train.loop import _evaluate
+    from vlm.errors import ConfigError
+
+    log = MetricsLog(tmp_path, enabled=True, tensorboard=False, resume_step=0)
+    with pytest.raises(ConfigError, match="auroc/val/mean.*val_loss"):
+        _evaluate(_ScriptedStage([{"val_loss": 1.0}]), None, [], 1, log, tmp_path, "auroc/val/mean")

@@ -52,6 +52,9 @@ class TrainConfig:
     """Write a resumable checkpoint every N steps (0: only at the end)."""
     keep_last: int = 2
     """How many resumable checkpoints to keep."""
+    keep_best: str = ""
+    """Also keep the model of the best evaluation by this metric in best/ (e.g. auroc/val/mean; higher
+    is better, except for names ending in `loss`). Select on validation metrics, never on test ones."""
     seed: int = 0
     tensorboard: bool = False
     """Also log to TensorBoard (needs the tensorboard package)."""
@@ -132,16 +135,35 @@ def train(stage: Stage, cfg: TrainConfig, resume: bool = True) -> Path:
                         tokens_s=f"{row['tokens_per_s']:.0f}")
         last = step == cfg.steps
         if cfg.eval_every and step % cfg.eval_every == 0 and not last:
-            log.eval(step, stage.evaluate(model, val_set))
+            _evaluate(stage, model, val_set, step, log, out, cfg.keep_best if rank == 0 else "")
         if rank == 0 and ((cfg.save_every and step % cfg.save_every == 0) or last):
             saved.write(out, step, stage, model, optimizer, scheduler, order, cfg.keep_last)
     bar.close()
-    log.eval(step, stage.evaluate(model, val_set))
+    _evaluate(stage, model, val_set, step, log, out, cfg.keep_best if rank == 0 else "")
     final = out / "final"
     if rank == 0:
         saved.write_model(stage, model, final)
         log.close()
     return final
+
+
+def _evaluate(stage, model, val_set, step: int, log: MetricsLog, out: Path, keep_best: str) -> None:
+    """Log an evaluation; with `keep_best`, write the model to best/ when the metric improves."""
+    import json
+
+    metrics = stage.evaluate(model, val_set)
+    log.eval(step, metrics)
+    if not keep_best:
+        return
+    if keep_best not in metrics:
+        raise ConfigError(f"keep_best {keep_best!r} is not among the evaluation metrics: {', '.join(metrics) or 'none'}.")
+    record = out / "best.json"
+    previous = json.loads(record.read_text()) if record.is_file() else None
+    lower = keep_best.endswith("loss")
+    value = float(metrics[keep_best])
+    if previous is None or (value < previous["value"] if lower else value > previous["value"]):
+        saved.write_model(stage, model, out / "best")
+        record.write_text(json.dumps({"metric": keep_best, "value": value, "step": step}, indent=2))
 
 
 def _optimizer_step(stage, model, params, optimizer, scheduler, order, train_set, cfg, device) -> dict:
