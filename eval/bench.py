@@ -1,10 +1,13 @@
-"""`medvlm bench serving`: speed measurements that compare two variants in one process.
+"""`medvlm bench serving` and `medvlm bench eval`: speed measurements that compare variants in one
+process (`medvlm bench model`, one model per precision, lives in eval/bench_model.py).
 
 - Follow-up turn vs first turn: time to first token of a second question about the same image
   with the conversation cache (image and first turn reused) against the same follow-up computed
   from scratch, and against the first turn.
 - API load: N concurrent `/v1/chat/completions` requests to a server on 127.0.0.1, all of which
   must be answered; latency percentiles.
+- Evaluation: batched generation vs one question per `generate()` call, and length-sorted batches
+  vs batches in dataset order.
 
 Results go to a JSON file and a markdown table (docs/benchmarks.md holds the ones we measured).
 Nothing here is a test: speed is measured, never asserted.
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from vlm.errors import ConfigError
 from vlm.generation import ConversationCache, GenerationConfig, TextStream
 
 
@@ -102,13 +106,13 @@ def bench_api_load(model, image_png: bytes, requests: int = 16, max_tokens: int 
 
 @torch.no_grad()
 def bench_eval_batching(model, questions: list[tuple[str, object]], batch_size: int = 16, max_new_tokens: int = 16) -> dict:
-    """Questions/s of our length-sorted batched greedy generation against a one-question-at-a-time
-    Hugging Face `generate` loop in the LLaVA-Med style, on the same questions; and how often the
-    two give the same answer tokens."""
-    from vlm.generation import cut_at_stop, generate_ids, prepare, stop_token_ids
+    """Questions/s of our batched greedy generation against a one-question-at-a-time Hugging Face
+    `generate` loop in the LLaVA-Med style, on the same questions, and how often the two give the
+    same answer tokens. The batches are timed twice: sorted by prompt length (as the evaluation
+    forms them) and in dataset order (before length sorting), to show what the sorting saves."""
+    from vlm.generation import cut_at_stop, prepare, stop_token_ids
     from vlm.prompts import vqa_messages
 
-    gen = GenerationConfig(max_new_tokens=max_new_tokens)
     start = time.perf_counter()
     sequential = []
     for question, image in questions:  # LLaVA-Med's model_vqa.py: one prompt, one generate() call
@@ -118,20 +122,33 @@ def bench_eval_batching(model, questions: list[tuple[str, object]], batch_size: 
                                  max_new_tokens=max_new_tokens, pad_token_id=model.tokenizer.pad_token_id)
         sequential.append(cut_at_stop(out[0].tolist(), stop_token_ids(model)))
     sequential_s = time.perf_counter() - start
+    n = len(questions)
+    gen = GenerationConfig(max_new_tokens=max_new_tokens)
+    lengths = [len(model.prompts.encode(vqa_messages(q), add_generation_prompt=True).input_ids) for q, _ in questions]
+    by_length = sorted(range(n), key=lambda i: (lengths[i], i))  # eval/run.py's _by_prompt_length order
+    batched, batched_s = _batched_answers(model, questions, by_length, batch_size, gen)
+    in_order, in_order_s = _batched_answers(model, questions, list(range(n)), batch_size, gen)
+    same = sum(batched[i] == sequential[i] for i in range(n))
+    return {"questions": n, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+            "sequential_q_per_s": n / sequential_s, "batched_q_per_s": n / batched_s,
+            "speedup": sequential_s / batched_s, "same_answer_tokens": same,
+            "dataset_order_q_per_s": n / in_order_s, "length_sorting_speedup": in_order_s / batched_s,
+            "same_answer_tokens_dataset_order": sum(in_order[i] == sequential[i] for i in range(n))}
+
+
+def _batched_answers(model, questions, order: list[int], batch_size: int, gen) -> tuple[dict[int, list[int]], float]:
+    """Answer ids by question index, generated in batches cut from `order`, and the seconds taken."""
+    from vlm.generation import generate_ids, prepare
+    from vlm.prompts import vqa_messages
+
     start = time.perf_counter()
-    order = sorted(range(len(questions)), key=lambda i: len(questions[i][0]))  # similar lengths pad less
-    batched: dict[int, list[int]] = {}
+    answers: dict[int, list[int]] = {}
     for k in range(0, len(order), batch_size):
         chunk = order[k:k + batch_size]
         batch = prepare(model, [vqa_messages(questions[i][0]) for i in chunk], [[questions[i][1]] for i in chunk])
         for i, ids in zip(chunk, generate_ids(model, batch, gen)):
-            batched[i] = ids
-    batched_s = time.perf_counter() - start
-    same = sum(batched[i] == sequential[i] for i in range(len(questions)))
-    n = len(questions)
-    return {"questions": n, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
-            "sequential_q_per_s": n / sequential_s, "batched_q_per_s": n / batched_s,
-            "speedup": sequential_s / batched_s, "same_answer_tokens": same}
+            answers[i] = ids
+    return answers, time.perf_counter() - start
 
 
 def machine() -> str:
@@ -187,10 +204,17 @@ def markdown_eval(results: dict) -> str:
         f"| one question per `generate()` call (LLaVA-Med style) | {b['sequential_q_per_s']:.2f} |",
         f"| medvlm, length-sorted batches of {b['batch_size']} | {b['batched_q_per_s']:.2f} |",
         f"| speed-up | {b['speedup']:.2f}x |",
-        f"| same answer tokens | {b['same_answer_tokens']} of {b['questions']} |"])
+        f"| same answer tokens | {b['same_answer_tokens']} of {b['questions']} |", "",
+        "| length sorting (same run) | questions/s |", "|---|---|",
+        f"| batches of {b['batch_size']} in dataset order (before) | {b['dataset_order_q_per_s']:.2f} |",
+        f"| batches of {b['batch_size']} sorted by prompt length (after) | {b['batched_q_per_s']:.2f} |",
+        f"| speed-up of sorting | {b['length_sorting_speedup']:.2f}x |",
+        f"| same answer tokens as one-at-a-time, dataset order | "
+        f"{b['same_answer_tokens_dataset_order']} of {b['questions']} |"])
 
 
 def add_commands(sub) -> None:
+    from eval.bench_model import RANDOM_LLMS, RANDOM_VISIONS, VARIANTS
     from vlm.cli import add_model_options
 
     p = sub.add_parser("bench", help="speed benchmarks (each compares two variants in one run)")
@@ -202,13 +226,27 @@ def add_commands(sub) -> None:
     s.add_argument("--repeats", type=int, default=5)
     s.add_argument("--out", default="runs/bench/serving.json")
     s.set_defaults(run=run_bench_serving)
-    e = kinds.add_parser("eval", help="batched evaluation vs a one-question-at-a-time generate loop")
+    e = kinds.add_parser("eval", help="batched evaluation vs one question at a time, and length-sorted vs dataset order")
     add_model_options(e)
     e.add_argument("--data", required=True, help="the vqa_rad folder")
     e.add_argument("--limit", type=int, default=64, help="first N test questions")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--out", default="runs/bench/eval.json")
     e.set_defaults(run=run_bench_eval)
+    m = kinds.add_parser("model", help="one model's encoder, prefill, decode speed and memory, per precision")
+    add_model_options(m)
+    m.add_argument("--variants", default=None,
+                   help=f"comma-separated among {', '.join(VARIANTS)} (default: fp32,nf4 on CPU, bf16,nf4 on GPU)")
+    m.add_argument("--images", type=int, default=16, help="image encoder batch size")
+    m.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
+    m.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per generation at most")
+    m.add_argument("--batch", type=int, default=8, help="the larger decode batch size")
+    m.add_argument("--image", default=None, help="PNG, JPEG or DICOM to use (default: a synthetic image)")
+    m.add_argument("--random-llm", default=None, help=f"random weights instead of --model: {', '.join(RANDOM_LLMS)}")
+    m.add_argument("--random-vision", default=None,
+                   help=f"with --random-llm: {', '.join(RANDOM_VISIONS)} (default: vit-b-16)")
+    m.add_argument("--out", default="runs/bench/model.json")
+    m.set_defaults(run=run_bench_model)
 
 
 def run_bench_eval(args) -> int:
@@ -224,4 +262,30 @@ def run_bench_serving(args) -> int:
 
     model = load_model_from_args(args)
     print(markdown(run_serving_bench(model, args.model, args.image, args.out, args.requests, args.repeats)))
+    return 0
+
+
+def run_bench_model(args) -> int:
+    from eval.bench_model import markdown_model, parse_variants, random_llm_config, random_model_config, run_model_bench
+    from vlm.cli import pick_device
+
+    if args.quantization is not None or args.dtype is not None:
+        raise ConfigError("bench model sets precision per variant: use --variants instead of --quantization/--dtype.")
+    if args.random_vision and not args.random_llm:
+        raise ConfigError("--random-vision goes with --random-llm.")
+    if args.random_llm and args.model != "demo":
+        raise ConfigError("--random-llm builds its own model: leave out --model.")
+    if args.random_llm:  # fail before anything slow
+        random_llm_config(args.random_llm)
+        random_model_config(Path("."), args.random_vision or "vit-b-16")
+    device = pick_device(args.device)
+    image = None
+    if args.image:
+        from vlm.imaging import load_image
+
+        image = load_image(args.image).to_pil()
+    results = run_model_bench(None if args.random_llm else args.model, device, args.out,
+                              parse_variants(args.variants, device), args.images, args.repeats, args.new_tokens,
+                              args.batch, args.random_llm, args.random_vision, image)
+    print(markdown_model(results))
     return 0
