@@ -252,3 +252,17 @@ def test_clip_through_the_cli_runs_and_memorizes(steps, tiny_bert, data, tmp_pat
     if steps == 30:
         assert losses[0] == pytest.approx(math.log(8), abs=0.5)
         assert sum(losses[-3:]) / 3 < 0.25 * losses[0], losses
+
+
+def test_clip_tower_replaces_the_arch_but_keeps_how_the_config_uses_it():
+    """Regression: the demo model was trained on feature_layer -2 although its preset said -1,
+    because the clip tower's VisionConfig (with default fields) replaced the preset's."""
+    from train.vlm_stage import with_clip_tower
+    from vlm.config import MedVLMConfig
+
+    vit = {"embed_dim": 64, "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16}}
+    timm = {"embed_dim": 256, "vision_cfg": {"timm_model_name": "efficientnet_lite0", "image_size": 128}}
+    config = MedVLMConfig().replace(vision={"source": "", "arch": vit, "feature_layer": -1, "keep_cls": False})
+    merged = with_clip_tower(config, VisionConfig(source="", arch=timm))
+    assert merged.vision.arch == timm  # replaced, no ViT keys left beside the timm ones
+    assert merged.vision.feature_layer == -1 and merged.language == config.language

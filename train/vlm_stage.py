@@ -3,6 +3,7 @@ tokens, fed conversations. They differ only in which parts train and which data 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from train.data import ConversationRecord, load_conversations, load_pairs
 from train.loop import to_device
 from train.stage import StepStats
 from vlm.checkpoint import load_trained_parts, save_checkpoint
-from vlm.config import MedVLMConfig, to_dict
+from vlm.config import MedVLMConfig, VisionConfig
 from vlm.errors import ConfigError
 from vlm.imaging import load_image
 from vlm.prompts import IGNORE_INDEX
@@ -40,6 +41,14 @@ class VLMStageConfig:
     """At most this many validation batches per evaluation."""
 
 
+def with_clip_tower(config: MedVLMConfig, clip_vision: VisionConfig) -> MedVLMConfig:
+    """`config` with the image tower a clip stage trained: its architecture replaces the config's
+    (not merged into it: a ViT's keys must not linger beside a timm trunk's), while the config keeps
+    how the tower is used (feature_layer, keep_cls, image_size, trainable)."""
+    vision = dataclasses.replace(config.vision, source="", arch=clip_vision.arch)
+    return dataclasses.replace(config, vision=vision).validate()
+
+
 class VLMStage:
     name = "vlm"
 
@@ -64,7 +73,7 @@ class VLMStage:
                 from train.clip import vision_from_clip
 
                 vision, state = vision_from_clip(self.cfg.vision_from)
-                config = config.replace(vision=to_dict(vision))
+                config = with_clip_tower(config, vision)
             model = MedVLM.build(config)
             if state is not None:
                 model.vision.visual.load_state_dict(state)

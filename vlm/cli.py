@@ -116,10 +116,12 @@ def run_chat(args) -> int:
     print()
     if args.verbose:
         first = first or end
-        rate = (reply.num_tokens - 1) / (end - first) if reply.num_tokens > 1 and end > first else float("nan")
+        # A rate needs tokens after the first one; a one-word answer has none to time.
+        rate = f"{(reply.num_tokens - 1) / (end - first):.1f} tokens/s" if reply.num_tokens > 1 and end > first \
+            else "no rate for a one-token answer"
         print(
             f"[load {loaded - start:.2f} s | first token {first - loaded:.2f} s | "
-            f"{reply.num_tokens} tokens | {rate:.1f} tokens/s]",
+            f"{reply.num_tokens} tokens | {rate}]",
             file=sys.stderr,
         )
     return 0
