@@ -110,6 +110,7 @@ def bench_eval_batching(model, questions: list[tuple[str, object]], batch_size: 
     `generate` loop in the LLaVA-Med style, on the same questions, and how often the two give the
     same answer tokens. The batches are timed twice: sorted by prompt length (as the evaluation
     forms them) and in dataset order (before length sorting), to show what the sorting saves."""
+    from eval.run import prompt_length_order
     from vlm.generation import cut_at_stop, prepare, stop_token_ids
     from vlm.prompts import vqa_messages
 
@@ -124,8 +125,7 @@ def bench_eval_batching(model, questions: list[tuple[str, object]], batch_size: 
     sequential_s = time.perf_counter() - start
     n = len(questions)
     gen = GenerationConfig(max_new_tokens=max_new_tokens)
-    lengths = [len(model.prompts.encode(vqa_messages(q), add_generation_prompt=True).input_ids) for q, _ in questions]
-    by_length = sorted(range(n), key=lambda i: (lengths[i], i))  # eval/run.py's _by_prompt_length order
+    by_length = prompt_length_order(model, [vqa_messages(q) for q, _ in questions])  # as the evaluation batches
     batched, batched_s = _batched_answers(model, questions, by_length, batch_size, gen)
     in_order, in_order_s = _batched_answers(model, questions, list(range(n)), batch_size, gen)
     same = sum(batched[i] == sequential[i] for i in range(n))

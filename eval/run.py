@@ -159,12 +159,15 @@ def _messages(task: Task, item: Item) -> list[dict]:
     return report_messages() if task.kind == "report" else vqa_messages(item.question)
 
 
+def prompt_length_order(model, conversations: list[list[dict]]) -> list[int]:
+    """Indices of `conversations` sorted by prompt length in tokens (ties in given order): batches
+    of similar length waste little compute on padding."""
+    lengths = [len(model.prompts.encode(c, add_generation_prompt=True).input_ids) for c in conversations]
+    return sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+
+
 def _by_prompt_length(model, task: Task) -> list[Item]:
-    """Items sorted by prompt length in tokens (ties in file order): batches of similar length
-    waste little compute on padding."""
-    lengths = [len(model.prompts.encode(_messages(task, it), add_generation_prompt=True).input_ids)
-               for it in task.items]
-    return [task.items[i] for i in sorted(range(len(lengths)), key=lambda i: (lengths[i], i))]
+    return [task.items[i] for i in prompt_length_order(model, [_messages(task, it) for it in task.items])]
 
 
 def _image(item: Item, blank: bool):
