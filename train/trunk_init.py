@@ -11,13 +11,13 @@ The `.pth` is read with `torch.load(weights_only=True)`: tensors only, no arbitr
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from vlm.errors import ModelSourceError
+from vlm.sources import package_root
 
 # efficientnet_pytorch submodule -> timm submodule, for blocks with and without an expansion conv.
 _EXPANDED = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
@@ -33,12 +33,7 @@ def package_weights(reference: str) -> Path:
     """The single .pth file inside the installed package named by `pkg:NAME` (not imported)."""
     if not reference.startswith("pkg:"):
         raise ModelSourceError(f"trunk_init {reference!r}: give pkg:NAME, a package carrying a .pth state dict.")
-    name = reference[4:]
-    spec = importlib.util.find_spec(name) if name.isidentifier() else None
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelSourceError(f"trunk_init {reference!r}: no installed package {name!r} "
-                               f"(install it: pip install {name.replace('_', '-')}).")
-    files = sorted(Path(next(iter(spec.submodule_search_locations))).rglob("*.pth"))
+    files = sorted(package_root(reference).rglob("*.pth"))
     if len(files) != 1:
         raise ModelSourceError(f"trunk_init {reference!r}: expected one .pth file in the package, found {len(files)}.")
     return files[0]

