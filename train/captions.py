@@ -89,8 +89,14 @@ def write_clip_data(nih: str | Path, vqa_rad: str | Path, out: str | Path) -> di
 
 def write_vqa_rad_conversations(trainset_json: str | Path, out_json: str | Path, buckets: tuple[str, ...] = ("train",),
                                 questions_per_conversation: int = 6) -> int:
-    """VQA-RAD question-answer pairs -> LLaVA conversations (JSON list), several turns per image,
-    the image marker in the first turn; only images in `buckets` (see eval.tasks). Returns the count."""
+    """vqa_rad_conversations() -> a JSON list file; returns the count."""
+    return write_json_list(Path(out_json), vqa_rad_conversations(trainset_json, buckets, questions_per_conversation))
+
+
+def vqa_rad_conversations(trainset_json: str | Path, buckets: tuple[str, ...] = ("train",),
+                          questions_per_conversation: int = 6) -> list[dict]:
+    """VQA-RAD question-answer pairs -> LLaVA conversations, several turns per image, the image
+    marker in the first turn; only images in `buckets` (see eval.tasks)."""
     from eval.tasks import vqa_rad_image_bucket
     from vlm.prompts import VQA_FOLLOWUP, VQA_PROMPT
 
@@ -109,9 +115,12 @@ def write_vqa_rad_conversations(trainset_json: str | Path, out_json: str | Path,
                 turns += [{"from": "human", "value": prompt}, {"from": "gpt", "value": str(qa["answer"]).strip()}]
             records.append({"id": f"{name}-{start}", "image": str((path.parent / "images" / name).resolve()),
                             "conversations": turns})
-    out = Path(out_json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(records, indent=1))
+    return records
+
+
+def write_json_list(path: Path, records: list[dict]) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records, indent=1))
     return len(records)
 
 

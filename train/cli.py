@@ -8,7 +8,6 @@ Every field can be overridden on the command line; the options are derived from 
 from __future__ import annotations
 
 import dataclasses
-import json
 import typing
 from pathlib import Path
 
@@ -85,17 +84,17 @@ def run_vqa_rad_data(args) -> int:
 
 def run_instruct_data(args) -> int:
     """VQA-RAD train/val buckets and NIH train/val splits, each written alone and combined."""
-    from train.captions import write_vqa_rad_conversations
-    from train.reports import write_nih_report_conversations
+    from train.captions import vqa_rad_conversations, write_json_list
+    from train.reports import nih_report_conversations
 
     out = Path(args.out)
     for split in ("train", "val"):
-        n_vqa = write_vqa_rad_conversations(Path(args.vqa_rad) / "trainset.json", out / f"vqa_rad_{split}.json",
-                                            buckets=(split,))
-        n_nih = write_nih_report_conversations(Path(args.nih) / "labels.csv", split, out / f"nih_reports_{split}.json")
-        parts = [json.loads((out / f"{name}_{split}.json").read_text()) for name in ("vqa_rad", "nih_reports")]
-        (out / f"{split}.json").write_text(json.dumps(parts[0] + parts[1], indent=1))
-        print(f"{split}: {n_vqa} VQA-RAD + {n_nih} NIH report conversations -> {out / f'{split}.json'}")
+        vqa = vqa_rad_conversations(Path(args.vqa_rad) / "trainset.json", buckets=(split,))
+        nih = nih_report_conversations(Path(args.nih) / "labels.csv", split)
+        write_json_list(out / f"vqa_rad_{split}.json", vqa)
+        write_json_list(out / f"nih_reports_{split}.json", nih)
+        write_json_list(out / f"{split}.json", vqa + nih)
+        print(f"{split}: {len(vqa)} VQA-RAD + {len(nih)} NIH report conversations -> {out / f'{split}.json'}")
     return 0
 
 

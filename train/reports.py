@@ -9,7 +9,6 @@ image name, so a rerun writes the same file.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from functools import cache
 from importlib import resources
@@ -40,7 +39,14 @@ def findings_paragraph(findings: set[str] | frozenset[str], rng: random.Random) 
 
 
 def write_nih_report_conversations(labels_csv: str | Path, split: str, out_json: str | Path, seed: int = 0) -> int:
-    """One report-drafting conversation per image of `split` -> a LLaVA JSON list; returns the count."""
+    """nih_report_conversations() -> a JSON list file; returns the count."""
+    from train.captions import write_json_list
+
+    return write_json_list(Path(out_json), nih_report_conversations(labels_csv, split, seed))
+
+
+def nih_report_conversations(labels_csv: str | Path, split: str, seed: int = 0) -> list[dict]:
+    """One report-drafting conversation per image of `split`, as LLaVA records."""
     from vlm.prompts import REPORT_PROMPT
 
     records = []
@@ -50,7 +56,4 @@ def write_nih_report_conversations(labels_csv: str | Path, split: str, out_json:
         records.append({"id": f"nih-{image.stem}", "image": str(image.resolve()),
                         "conversations": [{"from": "human", "value": REPORT_PROMPT},
                                           {"from": "gpt", "value": paragraph}]})
-    out = Path(out_json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(records, indent=1))
-    return len(records)
+    return records
