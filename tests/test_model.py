@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from PIL import Image
@@ -92,11 +94,12 @@ def test_sampling_is_reproducible_with_a_seed(tiny_model):
 
 
 def test_save_then_load_gives_identical_logits(tiny_config, tmp_path):
-    config = tiny_config.replace(language={"lora_r": 4}, projector={"pool": 2})
+    config = tiny_config.replace(language={"lora_r": 4}, projector={"pool": 2, "input_norm": "layernorm"})
     torch.manual_seed(1)
     model = MedVLM.build(config)
-    # Move the LoRA B matrices off zero so the adapter actually changes the logits.
+    # Move the LoRA B matrices off zero so the adapter actually changes the logits; same for the norm's gain.
     with torch.no_grad():
+        model.projector.norm.weight.uniform_(0.5, 1.5)
         for name, p in model.llm.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
@@ -113,6 +116,18 @@ def test_save_then_load_gives_identical_logits(tiny_config, tmp_path):
         no_adapter = base(batch.input_ids, batch.attention_mask, batch.pixel_values).logits
     assert torch.equal(before, after)
     assert not torch.allclose(before, no_adapter), "the adapter must matter, else the test proves nothing"
+
+
+def test_projector_input_norm_makes_image_tokens_independent_of_feature_scale(tiny_config):
+    from vlm.projector import Projector
+
+    features = torch.randn(2, 16, 32)
+    for input_norm, scale_matters in (("none", True), ("layernorm", False)):
+        torch.manual_seed(0)
+        projector = Projector(dataclasses.replace(tiny_config.projector, input_norm=input_norm), 32, 64, (4, 4), has_cls=False)
+        with torch.no_grad():
+            small, large = projector(features), projector(30 * features)
+        assert (not torch.allclose(small, large, atol=1e-4)) == scale_matters, input_norm
 
 
 def test_damaged_checkpoint_fails_clearly(tiny_model, tmp_path):

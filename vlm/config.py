@@ -58,10 +58,15 @@ class ProjectorConfig:
     """`linear` or `mlp2x_gelu` (LLaVA-1.5)."""
     pool: int = 1
     """Average-pool the patch grid by this factor per side (2 = 4x fewer image tokens)."""
+    input_norm: str = "none"
+    """`none` or `layernorm`: LayerNorm on each vision token before the projection, as Qwen2-VL's merger
+    does. A CNN trunk's unnormalized activations otherwise reach the LLM at ~30x its embedding norm."""
 
     def validate(self) -> None:
         if self.kind not in ("linear", "mlp2x_gelu"):
             raise ConfigError(f"projector.kind must be 'linear' or 'mlp2x_gelu', got {self.kind!r}.")
+        if self.input_norm not in ("none", "layernorm"):
+            raise ConfigError(f"projector.input_norm must be 'none' or 'layernorm', got {self.input_norm!r}.")
         if self.pool not in (1, 2, 3, 4):
             raise ConfigError(f"projector.pool must be 1, 2, 3 or 4, got {self.pool}.")
 

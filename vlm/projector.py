@@ -13,6 +13,8 @@ class Projector(nn.Module):
     def __init__(self, cfg: ProjectorConfig, in_dim: int, out_dim: int, grid: tuple[int, int], has_cls: bool):
         super().__init__()
         self.cfg, self.grid, self.has_cls = cfg, grid, has_cls
+        # Identity has no weights, so checkpoints saved without a norm load unchanged
+        self.norm = nn.LayerNorm(in_dim) if cfg.input_norm == "layernorm" else nn.Identity()
         if cfg.kind == "linear":
             self.net = nn.Sequential(nn.Linear(in_dim, out_dim))
         else:  # mlp2x_gelu, as in LLaVA-1.5
@@ -26,7 +28,7 @@ class Projector(nn.Module):
         """tokens [B, N, D] (class token first if has_cls) -> [B, M, out_dim]."""
         if self.cfg.pool > 1:
             tokens = self._pool(tokens)
-        return self.net(tokens.to(self.net[0].weight.dtype))
+        return self.net(self.norm(tokens.to(self.net[0].weight.dtype)))
 
     def _pool(self, tokens: torch.Tensor) -> torch.Tensor:
         cls, patches = (tokens[:, :1], tokens[:, 1:]) if self.has_cls else (None, tokens)
