@@ -90,12 +90,19 @@ def test_instruct_data_command_writes_both_parts_and_their_union(tmp_path, capsy
     from vlm.cli import main
 
     assert main(["train", "instruct-data", "--nih", str(NIH), "--vqa-rad", str(NIH.parent / "vqa_rad"),
-                 "--out", str(tmp_path)]) == 0
-    for split in ("train", "val"):
+                 "--out", str(tmp_path), "--vqa-rad-repeats", "2"]) == 0
+    for split, repeats in (("train", 2), ("val", 1)):
         union = json.loads((tmp_path / f"{split}.json").read_text())
-        parts = [json.loads((tmp_path / f"{p}_{split}.json").read_text()) for p in ("vqa_rad", "nih_reports")]
-        assert union == parts[0] + parts[1] and parts[0] and parts[1]
+        vqa, nih = [json.loads((tmp_path / f"{p}_{split}.json").read_text()) for p in ("vqa_rad", "nih_reports")]
+        assert vqa and nih and union[len(union) - len(nih):] == nih
+        copies = union[:len(union) - len(nih)]
+        assert len(copies) == repeats * len(vqa)
+        assert [{k: v for k, v in c.items() if k != "id"} for c in copies] == [
+            {k: v for k, v in c.items() if k != "id"} for c in vqa] * repeats
+        assert len({c["id"] for c in union}) == len(union), "each copy keeps a distinct id"
     # image-disjoint: no VQA-RAD image is in both the train and the val conversations
     images = [{r["image"] for r in json.loads((tmp_path / f"vqa_rad_{s}.json").read_text())} for s in ("train", "val")]
     assert not images[0] & images[1]
-    assert "train: 475 VQA-RAD + 467 NIH" in capsys.readouterr().out
+    assert "train: 475 VQA-RAD (x2) + 467 NIH" in capsys.readouterr().out
+    assert main(["train", "instruct-data", "--nih", str(NIH), "--vqa-rad", str(NIH.parent / "vqa_rad"),
+                 "--out", str(tmp_path), "--vqa-rad-repeats", "0"]) != 0

@@ -69,6 +69,9 @@ def add_commands(sub) -> None:
     both.add_argument("--nih", required=True, help="the nih_cxr folder (labels.csv, images/)")
     both.add_argument("--vqa-rad", required=True, help="the vqa_rad folder (trainset.json, images/)")
     both.add_argument("--out", required=True, help="folder for train.json and val.json (and the parts of each)")
+    both.add_argument("--vqa-rad-repeats", type=int, default=1,
+                      help="copies of each VQA-RAD train conversation in train.json (default 1): weights the mix "
+                           "toward question answering without more steps; val is never repeated")
     both.set_defaults(run=run_instruct_data)
 
 
@@ -87,14 +90,18 @@ def run_instruct_data(args) -> int:
     from train.captions import vqa_rad_conversations, write_json_list
     from train.reports import nih_report_conversations
 
+    if args.vqa_rad_repeats < 1:
+        raise ConfigError(f"--vqa-rad-repeats must be at least 1, got {args.vqa_rad_repeats}.")
     out = Path(args.out)
     for split in ("train", "val"):
         vqa = vqa_rad_conversations(Path(args.vqa_rad) / "trainset.json", buckets=(split,))
         nih = nih_report_conversations(Path(args.nih) / "labels.csv", split)
         write_json_list(out / f"vqa_rad_{split}.json", vqa)
         write_json_list(out / f"nih_reports_{split}.json", nih)
-        write_json_list(out / f"{split}.json", vqa + nih)
-        print(f"{split}: {len(vqa)} VQA-RAD + {len(nih)} NIH report conversations -> {out / f'{split}.json'}")
+        repeats = args.vqa_rad_repeats if split == "train" else 1
+        weighted = [dict(c, id=f"{c['id']}-copy{k}") if k else c for k in range(repeats) for c in vqa]
+        write_json_list(out / f"{split}.json", weighted + nih)
+        print(f"{split}: {len(vqa)} VQA-RAD (x{repeats}) + {len(nih)} NIH report conversations -> {out / f'{split}.json'}")
     return 0
 
 
