@@ -56,6 +56,10 @@ class TrainConfig:
     """Also keep the model of the best evaluation by this metric in best/ (e.g. auroc/val/mean; higher
     is better, except for names ending in `loss`). Select on validation metrics, never on test ones."""
     seed: int = 0
+    group_by_length: bool = False
+    """Batch records of similar length (each epoch's shuffle is cut into windows of 64 batches, each
+    window sorted by length, the batches shuffled again): less padding, the same records per epoch.
+    For stages that measure records (align, instruct)."""
     tensorboard: bool = False
     """Also log to TensorBoard (needs the tensorboard package)."""
     skip_bad: bool = False
@@ -86,21 +90,39 @@ class DataOrder:
     """Which records make each batch: a seeded permutation per epoch, consumed in order.
 
     Its position (epoch, offset) is saved with checkpoints, so a resumed run sees exactly the
-    batches an uninterrupted run would have seen.
+    batches an uninterrupted run would have seen. With `lengths`, batches hold records of similar
+    length (see TrainConfig.group_by_length).
     """
 
-    def __init__(self, size: int, batch: int, seed: int, rank: int = 0, world: int = 1):
+    WINDOW_BATCHES = 64
+
+    def __init__(self, size: int, batch: int, seed: int, rank: int = 0, world: int = 1,
+                 lengths: list[int] | None = None):
         if size < batch * world:
             raise ConfigError(f"the training set has {size} records, fewer than one batch ({batch * world}).")
         self.size, self.batch, self.seed, self.rank, self.world = size, batch, seed, rank, world
+        self.lengths = lengths
         self.epoch, self.offset = 0, 0
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(self.size, generator=generator)
+        if self.lengths is None:
+            return order
+        global_batch = self.batch * self.world
+        window = self.WINDOW_BATCHES * global_batch
+        lengths = torch.tensor(self.lengths)
+        grouped = torch.cat([w[torch.argsort(lengths[w], descending=True, stable=True)] for w in order.split(window)])
+        full = self.size // global_batch * global_batch  # the ragged tail stays last, to be dropped
+        batches = grouped[:full].view(-1, global_batch)
+        batches = batches[torch.randperm(len(batches), generator=generator)]
+        return torch.cat([batches.flatten(), grouped[full:]])
 
     def next_indices(self) -> list[int]:
         global_batch = self.batch * self.world
         if self.offset + global_batch > self.size:  # drop the ragged tail, start a new epoch
             self.epoch, self.offset = self.epoch + 1, 0
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        chunk = order[self.offset: self.offset + global_batch]
+        chunk = self.epoch_order(self.epoch)[self.offset: self.offset + global_batch]
         self.offset += global_batch
         return chunk[self.rank * self.batch: (self.rank + 1) * self.batch].tolist()
 
@@ -118,7 +140,7 @@ def train(stage: Stage, cfg: TrainConfig, resume: bool = True) -> Path:
         raise ConfigError(f"stage {stage.name!r}: nothing to train (every parameter is frozen).")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    order = DataOrder(len(train_set), cfg.batch_size, cfg.seed, rank, world)
+    order = DataOrder(len(train_set), cfg.batch_size, cfg.seed, rank, world, lengths=_lengths(stage, train_set, cfg))
     step = 0
     latest = saved.latest(out) if resume else None
     if latest is not None:
@@ -164,6 +186,14 @@ def _evaluate(stage, model, val_set, step: int, log: MetricsLog, out: Path, keep
     if previous is None or (value < previous["value"] if lower else value > previous["value"]):
         saved.write_model(stage, model, out / "best")
         record.write_text(json.dumps({"metric": keep_best, "value": value, "step": step}, indent=2))
+
+
+def _lengths(stage: Stage, train_set, cfg: TrainConfig) -> list[int] | None:
+    if not cfg.group_by_length:
+        return None
+    if not hasattr(stage, "record_length"):
+        raise ConfigError(f"stage {stage.name!r} cannot group by length: its records have no length (drop group_by_length).")
+    return [stage.record_length(record) for record in train_set]
 
 
 def _optimizer_step(stage, model, params, optimizer, scheduler, order, train_set, cfg, device) -> dict:

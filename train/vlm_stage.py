@@ -100,10 +100,11 @@ class VLMStage:
                 for p in pairs]
 
     def _conversations(self, path: str) -> list[ConversationRecord]:
-        return load_conversations(path, self.skip_bad, check_image=load_image, measure=self._length,
+        return load_conversations(path, self.skip_bad, check_image=load_image, measure=self.record_length,
                                   max_length=self.model.config.max_length)
 
-    def _length(self, record: ConversationRecord) -> int:
+    def record_length(self, record: ConversationRecord) -> int:
+        """Tokens in the encoded conversation, image tokens included (for group_by_length)."""
         return len(self.model.prompts.encode(list(record.messages)).input_ids)
 
     def collate(self, records: list[ConversationRecord]) -> dict:
