@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from eval.labeler import OBSERVATIONS, label_report, nih_to_chexpert
-from train.reports import findings_paragraph, findings_templates, write_nih_report_conversations
+from train.reports import findings_paragraph, findings_templates, nih_report_conversations
 from train.trunk_init import init_trunk, package_weights
 from vlm.errors import ModelSourceError
 
@@ -77,11 +77,10 @@ def test_paragraph_keeps_the_clinical_order_and_rejects_unknown_labels():
 
 
 @pytest.mark.skipif(not NIH.is_dir(), reason="needs ../shared/data/nih_cxr (the real NIH sample)")
-def test_report_conversations_cover_the_split_and_are_reproducible(tmp_path):
-    n = write_nih_report_conversations(NIH / "labels.csv", "val", tmp_path / "a.json")
-    write_nih_report_conversations(NIH / "labels.csv", "val", tmp_path / "b.json")
-    assert n == 53 and (tmp_path / "a.json").read_text() == (tmp_path / "b.json").read_text()
-    first = json.loads((tmp_path / "a.json").read_text())[0]
+def test_report_conversations_cover_the_split_and_are_reproducible():
+    records = nih_report_conversations(NIH / "labels.csv", "val")
+    assert len(records) == 53 and records == nih_report_conversations(NIH / "labels.csv", "val")
+    first = records[0]
     assert first["conversations"][0]["value"].startswith("<image>") and first["conversations"][1]["value"]
 
 

@@ -38,13 +38,6 @@ def findings_paragraph(findings: set[str] | frozenset[str], rng: random.Random) 
     return " ".join(rng.choice(sentences) for label, sentences in templates["findings"].items() if label in findings)
 
 
-def write_nih_report_conversations(labels_csv: str | Path, split: str, out_json: str | Path, seed: int = 0) -> int:
-    """nih_report_conversations() -> a JSON list file; returns the count."""
-    from train.captions import write_json_list
-
-    return write_json_list(Path(out_json), nih_report_conversations(labels_csv, split, seed))
-
-
 def nih_report_conversations(labels_csv: str | Path, split: str, seed: int = 0) -> list[dict]:
     """One report-drafting conversation per image of `split`, as LLaVA records."""
     from vlm.prompts import REPORT_PROMPT
