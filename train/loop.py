@@ -101,7 +101,7 @@ class DataOrder:
         if size < batch * world:
             raise ConfigError(f"the training set has {size} records, fewer than one batch ({batch * world}).")
         self.size, self.batch, self.seed, self.rank, self.world = size, batch, seed, rank, world
-        self.lengths = lengths
+        self.lengths = None if lengths is None else torch.tensor(lengths)  # converted once, not every batch
         self.epoch, self.offset = 0, 0
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
@@ -111,8 +111,8 @@ class DataOrder:
             return order
         global_batch = self.batch * self.world
         window = self.WINDOW_BATCHES * global_batch
-        lengths = torch.tensor(self.lengths)
-        grouped = torch.cat([w[torch.argsort(lengths[w], descending=True, stable=True)] for w in order.split(window)])
+        grouped = torch.cat([w[torch.argsort(self.lengths[w], descending=True, stable=True)]
+                             for w in order.split(window)])
         full = self.size // global_batch * global_batch  # the ragged tail stays last, to be dropped
         batches = grouped[:full].view(-1, global_batch)
         batches = batches[torch.randperm(len(batches), generator=generator)]
