@@ -38,20 +38,26 @@ def write_vqa_rad_captions(trainset_json: str | Path, out_jsonl: str | Path, ima
     `exclude`: image names to leave out (e.g. the test images, for an image-disjoint evaluation)."""
     path = Path(trainset_json)
     images = Path(images_dir) if images_dir else path.parent / "images"
-    organs, votes = {}, {}
-    for qa in json.loads(path.read_text()):
-        name = qa["image_name"]
-        organs.setdefault(name, ORGANS.get(str(qa.get("image_organ")).upper(), "body"))
-        votes.setdefault(name, Counter())
-        modality = _modality(str(qa.get("question", "")), str(qa.get("answer", "")), qa.get("question_type"))
-        if modality:
-            votes[name][modality] += 1
+    organs, votes = organs_and_modality_votes(json.loads(path.read_text()))
     lines = []
     for name in sorted(set(organs) - set(exclude)):
         top = votes[name].most_common(1)
         phrase = MODALITY_PHRASE[top[0][0]] if top else "a radiology image"
         lines.append(json.dumps({"image": str((images / name).resolve()), "text": f"{phrase} of the {organs[name]}."}))
     return _write_lines(Path(out_jsonl), lines)
+
+
+def organs_and_modality_votes(qas: list[dict]) -> tuple[dict[str, str], dict[str, Counter]]:
+    """Per VQA-RAD image name: its organ word, and how many of its questions assert each modality."""
+    organs, votes = {}, {}
+    for qa in qas:
+        name = qa["image_name"]
+        organs.setdefault(name, ORGANS.get(str(qa.get("image_organ")).upper(), "body"))
+        votes.setdefault(name, Counter())
+        modality = _modality(str(qa.get("question", "")), str(qa.get("answer", "")), qa.get("question_type"))
+        if modality:
+            votes[name][modality] += 1
+    return organs, votes
 
 
 def _modality(question: str, answer: str, kind: str | None = "MODALITY") -> str | None:

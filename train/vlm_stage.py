@@ -108,18 +108,7 @@ class VLMStage:
         return len(self.model.prompts.encode(list(record.messages)).input_ids)
 
     def collate(self, records: list[ConversationRecord]) -> dict:
-        encoded = [self.model.prompts.encode(list(r.messages)) for r in records]
-        width = max(len(e.input_ids) for e in encoded)
-        pad = self.model.tokenizer.pad_token_id
-        ids = torch.full((len(records), width), pad, dtype=torch.long)
-        labels = torch.full((len(records), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(records), width), dtype=torch.long)
-        for row, e in enumerate(encoded):
-            n = len(e.input_ids)
-            ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(e.input_ids), torch.tensor(e.labels), 1
-        images = [load_image(path).to_pil() for r in records for path in r.images]
-        pixels = self.model.vision.preprocess(images) if images else None
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": pixels}
+        return collate_conversations(self.model, records)
 
     # -- training --------------------------------------------------------------------------------
     def step(self, model, batch: dict) -> StepStats:
@@ -145,3 +134,18 @@ class VLMStage:
 
     def load_trained(self, model, folder: Path) -> None:
         load_trained_parts(model, folder)
+
+
+def collate_conversations(model, records: list[ConversationRecord]) -> dict:
+    """Right-padded ids, labels (answers only) and mask, and the records' images, preprocessed."""
+    encoded = [model.prompts.encode(list(r.messages)) for r in records]
+    width = max(len(e.input_ids) for e in encoded)
+    ids = torch.full((len(records), width), model.tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(records), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(records), width), dtype=torch.long)
+    for row, e in enumerate(encoded):
+        n = len(e.input_ids)
+        ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(e.input_ids), torch.tensor(e.labels), 1
+    images = [load_image(path).to_pil() for r in records for path in r.images]
+    pixels = model.vision.preprocess(images) if images else None
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": pixels}
