@@ -1,0 +1,102 @@
+"""Does a model use its image? Two checks behind the diagnosis in the demo model card.
+
+    python -m eval.image_use loss-gap --model demo --data data/demo/train.json --n 40
+    python -m eval.image_use probe --model demo --vqa-rad ../shared/data/vqa_rad
+
+loss-gap: the answer loss on conversations with their real image and with a black one; a model
+that ignores the image scores the same twice. probe: can the frozen image tower's mean-pooled
+tokens tell VQA-RAD images' organ and modality apart? (5-fold nearest-class-mean on standardized
+features; if yes, a model that still gets "is this a CT?" wrong loses the fact after the tower.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from train.captions import organs_and_modality_votes
+from train.data import load_conversations
+from train.vlm_stage import collate_conversations
+from vlm.checkpoint import load_checkpoint
+from vlm.imaging import load_image
+
+
+@torch.no_grad()
+def loss_gap(model, data: str | Path, n: int, batch_size: int = 8, seed: int = 0) -> dict[str, float]:
+    """Mean answer loss over `n` seeded-random conversations of `data`, with the image and black."""
+    records = load_conversations(data)
+    random.Random(seed).shuffle(records)
+    records = records[:n]
+    losses = {"real": [], "black": []}
+    for start in range(0, len(records), batch_size):
+        batch = collate_conversations(model, records[start: start + batch_size])
+        black = model.vision.preprocess([Image.new("RGB", (256, 256))] * batch["pixel_values"].shape[0])
+        for kind, pixels in (("real", batch["pixel_values"]), ("black", black)):
+            out = model(batch["input_ids"], batch["attention_mask"], pixels, labels=batch["labels"])
+            losses[kind].append(float(out.loss))
+    return {kind: sum(v) / len(v) for kind, v in losses.items()}
+
+
+def nearest_mean_accuracy(features: torch.Tensor, labels: list[str], folds: int = 5, seed: int = 0) -> float:
+    """k-fold accuracy of a nearest-class-mean classifier on z-scored features."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    correct = 0
+    for fold in range(folds):
+        test = order[fold::folds]
+        if len(test) == 0:
+            continue
+        train = order[torch.arange(len(order)) % folds != fold]
+        mean, std = features[train].mean(0), features[train].std(0, unbiased=False) + 1e-6
+        z = (features - mean) / std
+        classes = sorted({labels[i] for i in train.tolist()})
+        centroids = torch.stack([z[[i for i in train.tolist() if labels[i] == c]].mean(0) for c in classes])
+        guess = torch.cdist(z[test], centroids).argmin(1)
+        correct += sum(classes[g] == labels[i] for g, i in zip(guess.tolist(), test.tolist()))
+    return correct / len(labels)
+
+
+@torch.no_grad()
+def tower_probe(model, vqa_rad: str | Path) -> dict[str, dict]:
+    """Organ (all images) and modality (images whose questions vote one) from the tower's tokens."""
+    vqa_rad = Path(vqa_rad)
+    qas = json.loads((vqa_rad / "trainset.json").read_text()) + json.loads((vqa_rad / "testset.json").read_text())
+    organs, votes = organs_and_modality_votes(qas)
+    names = sorted(organs)
+    features = torch.cat([model.vision(model.vision.preprocess(
+        [load_image(vqa_rad / "images" / n).to_pil() for n in names[i: i + 32]])).mean(1)
+        for i in range(0, len(names), 32)])
+    modality = {n: v.most_common(1)[0][0] for n, v in votes.items() if v}
+    report = {}
+    for task, label_of in (("organ", organs), ("modality", modality)):
+        keep = [i for i, n in enumerate(names) if n in label_of]
+        labels = [label_of[names[i]] for i in keep]
+        report[task] = {"images": len(keep), "accuracy": nearest_mean_accuracy(features[keep], labels),
+                        "majority": Counter(labels).most_common(1)[0][1] / len(labels),
+                        "classes": dict(Counter(labels))}
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m eval.image_use", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="check", required=True)
+    gap = sub.add_parser("loss-gap", help="answer loss with the real image vs a black one")
+    gap.add_argument("--data", required=True, help="LLaVA conversations JSON")
+    gap.add_argument("--n", type=int, default=40, help="conversations, drawn with seed 0")
+    probe = sub.add_parser("probe", help="organ/modality from the image tower's pooled tokens")
+    probe.add_argument("--vqa-rad", required=True, help="folder with trainset.json, testset.json, images/")
+    for p in (gap, probe):
+        p.add_argument("--model", default="demo")
+    args = parser.parse_args(argv)
+    model = load_checkpoint(args.model).eval()
+    result = loss_gap(model, args.data, args.n) if args.check == "loss-gap" else tower_probe(model, args.vqa_rad)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""eval/image_use.py: the image-dependence diagnostics the demo model card quotes."""
+
+import math
+
+import torch
+from PIL import Image
+
+from eval.image_use import loss_gap, nearest_mean_accuracy, tower_probe
+from tests.conftest import write_json
+
+
+def test_nearest_mean_accuracy_separates_clusters_and_not_noise():
+    g = torch.Generator().manual_seed(0)
+    labels = ["a"] * 20 + ["b"] * 20
+    clusters = torch.cat([torch.randn(20, 8, generator=g), torch.randn(20, 8, generator=g) + 6])
+    assert nearest_mean_accuracy(clusters, labels) == 1.0
+    noise = torch.randn(40, 8, generator=g)  # labels unrelated to the features
+    assert nearest_mean_accuracy(noise, labels) < 0.8
+
+
+def _images(folder, colours):
+    folder.mkdir()
+    names = []
+    for i, colour in enumerate(colours):
+        names.append(f"img{i}.png")
+        Image.new("RGB", (64, 64), colour).save(folder / names[-1])
+    return names
+
+
+def test_loss_gap_scores_real_and_black_images(tiny_model, tmp_path):
+    names = _images(tmp_path / "images", ["white", "red", "gray"])
+    convs = [{"image": f"images/{n}", "conversations": [
+        {"from": "human", "value": "<image>\nIs this a CT?"}, {"from": "gpt", "value": "no"}]} for n in names]
+    result = loss_gap(tiny_model.eval(), write_json(tmp_path / "c.json", convs), n=3, batch_size=2)
+    assert set(result) == {"real", "black"}
+    assert all(math.isfinite(v) for v in result.values())
+    assert result["real"] != result["black"]  # the black image really replaced the white/red/gray ones
+
+
+def test_tower_probe_labels_organ_and_voted_modality(tiny_model, tmp_path):
+    names = _images(tmp_path / "images", ["white", "black", "white", "black"])
+    qas = [{"image_name": n, "image_organ": organ, "question": q, "answer": a, "question_type": "MODALITY"}
+           for n, organ, q, a in zip(names, ["HEAD", "CHEST", "HEAD", "CHEST"],
+                                     ["Is this a CT?", "What modality is this?", "Is this an MRI?", "Is this a CT?"],
+                                     ["yes", "x-ray", "yes", "no"])]
+    write_json(tmp_path / "trainset.json", qas[:2])
+    write_json(tmp_path / "testset.json", qas[2:])
+    report = tower_probe(tiny_model.eval(), tmp_path)
+    assert report["organ"]["classes"] == {"head": 2, "chest": 2}
+    # img3's only question denies a CT, so it names no modality and is left out
+    assert report["modality"]["classes"] == {"CT": 1, "x-ray": 1, "MRI": 1}
+    assert 0.0 <= report["organ"]["accuracy"] <= 1.0
