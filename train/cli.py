@@ -72,6 +72,9 @@ def add_commands(sub) -> None:
     both.add_argument("--vqa-rad-repeats", type=int, default=1,
                       help="copies of each VQA-RAD train conversation in train.json (default 1): weights the mix "
                            "toward question answering without more steps; val is never repeated")
+    both.add_argument("--grounding-repeats", type=int, default=0,
+                      help="image-grounding conversations per VQA-RAD train image (default 0): balanced yes/no and "
+                           "either-or questions on its modality, organ and plane (train/grounding.py); train only")
     both.set_defaults(run=run_instruct_data)
 
 
@@ -88,20 +91,26 @@ def run_vqa_rad_data(args) -> int:
 def run_instruct_data(args) -> int:
     """VQA-RAD train/val buckets and NIH train/val splits, each written alone and combined."""
     from train.captions import vqa_rad_conversations, write_json_list
+    from train.grounding import grounding_conversations
     from train.reports import nih_report_conversations
 
     if args.vqa_rad_repeats < 1:
         raise ConfigError(f"--vqa-rad-repeats must be at least 1, got {args.vqa_rad_repeats}.")
-    out = Path(args.out)
+    if args.grounding_repeats < 0:
+        raise ConfigError(f"--grounding-repeats must be 0 or more, got {args.grounding_repeats}.")
+    out, trainset = Path(args.out), Path(args.vqa_rad) / "trainset.json"
     for split in ("train", "val"):
-        vqa = vqa_rad_conversations(Path(args.vqa_rad) / "trainset.json", buckets=(split,))
+        vqa = vqa_rad_conversations(trainset, buckets=(split,))
         nih = nih_report_conversations(Path(args.nih) / "labels.csv", split)
         write_json_list(out / f"vqa_rad_{split}.json", vqa)
         write_json_list(out / f"nih_reports_{split}.json", nih)
         repeats = args.vqa_rad_repeats if split == "train" else 1
         weighted = [dict(c, id=f"{c['id']}-copy{k}") if k else c for k in range(repeats) for c in vqa]
-        write_json_list(out / f"{split}.json", weighted + nih)
-        print(f"{split}: {len(vqa)} VQA-RAD (x{repeats}) + {len(nih)} NIH report conversations -> {out / f'{split}.json'}")
+        grounding = grounding_conversations(trainset, buckets=(split,), repeats=args.grounding_repeats) \
+            if split == "train" else []
+        write_json_list(out / f"{split}.json", weighted + grounding + nih)
+        print(f"{split}: {len(vqa)} VQA-RAD (x{repeats}) + {len(grounding)} grounding + {len(nih)} NIH report "
+              f"conversations -> {out / f'{split}.json'}")
     return 0
 
 

@@ -1,9 +1,9 @@
 """Report-drafting conversations from NIH ChestX-ray14 labels.
 
 Each image's weak labels become a findings paragraph assembled from the project's own sentences
-(train/templates/nih_findings.yaml): one sentence per finding, in a fixed clinical order, or a
-normal paragraph for "No Finding". The sentence variants are picked by a seeded RNG keyed by the
-image name, so a rerun writes the same file.
+(train/templates/nih_findings.yaml): one sentence per finding, in a fixed clinical order, or the
+normal paragraph for "No Finding", always in the same words. The finding sentences' variants are
+picked by a seeded RNG keyed by the image name, so a rerun writes the same file.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ TEMPLATES = "templates/nih_findings.yaml"
 
 @cache
 def findings_templates() -> dict:
-    """{"findings": {label: [sentences]}, "normal": [[sentences] per group]} from the repo's YAML."""
+    """{"findings": {label: [sentences]}, "normal": [sentences]} from the repo's YAML."""
     import yaml
 
     return yaml.safe_load((resources.files("train") / TEMPLATES).read_text(encoding="utf-8"))
@@ -34,7 +34,7 @@ def findings_paragraph(findings: set[str] | frozenset[str], rng: random.Random) 
     if unknown:
         raise ValueError(f"no sentences for NIH label(s) {sorted(unknown)}")
     if not findings:
-        return " ".join(rng.choice(group) for group in templates["normal"])
+        return " ".join(templates["normal"])
     return " ".join(rng.choice(sentences) for label, sentences in templates["findings"].items() if label in findings)
 
 

@@ -1,0 +1,91 @@
+"""Image-grounding conversations (train/grounding.py): the labels they read from VQA-RAD's own
+questions, the balance of their answers, and that only the buckets asked for are used."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+
+from eval.metrics import closed_options, closed_strict
+from eval.tasks import vqa_rad_image_bucket
+from train.grounding import MODALITIES, ORGANS, PLANES, grounding_conversations, grounding_turns, image_attributes, \
+    plane_votes
+
+
+def _qa(name, question, answer, kind, organ="HEAD"):
+    return {"image_name": name, "question": question, "answer": answer, "question_type": kind, "image_organ": organ}
+
+
+def _names_in(bucket: str, count: int) -> list[str]:
+    names = (f"img{k}.jpg" for k in range(10_000))
+    return [n for n in names if vqa_rad_image_bucket(n) == bucket][:count]
+
+
+def test_plane_votes_count_open_answers_and_yeses_but_not_denials_or_two_planes():
+    votes = plane_votes([
+        _qa("a", "In what plane is this image?", "Axial", "PLANE"),
+        _qa("a", "Is this a transverse section?", "yes", "PLANE"),
+        _qa("a", "Is this a coronal image?", "no", "PLANE"),  # a denial: says nothing of what it is
+        _qa("a", "Is this axial or coronal?", "yes", "PLANE"),  # names two planes
+        _qa("b", "Was this chest x ray taken in PA format?", "yes", "PLANE"),
+        _qa("c", "Is there a mass?", "yes", "PRES"),
+    ])
+    assert votes == {"a": Counter({"axial": 2}), "b": Counter({"PA": 1})}
+
+
+def test_image_attributes_keep_only_what_the_questions_settle():
+    attributes = image_attributes([
+        _qa("ct.jpg", "What kind of scan is this?", "CT", "MODALITY", organ="ABD"),
+        _qa("ct.jpg", "Which plane is the image taken?", "axial", "PLANE", organ="ABD"),
+        _qa("us.jpg", "What imaging is this?", "ultrasound", "MODALITY", organ="ABD"),  # not a choice here
+        _qa("bare.jpg", "Is there a mass?", "no", "PRES", organ="CHEST"),
+        _qa("odd.jpg", "Is there a fracture?", "yes", "PRES", organ="LIMB"),
+    ])
+    assert attributes == {"ct.jpg": {"organ": "abdomen", "modality": "CT", "plane": "axial"},
+                          "us.jpg": {"organ": "abdomen"}, "bare.jpg": {"organ": "chest"}, "odd.jpg": {}}
+
+
+def test_every_answer_is_right_by_the_evaluation_rules_and_half_the_yes_no_answers_are_yes():
+    truth = {"modality": "MRI", "organ": "head", "plane": "coronal"}
+    rng, answers = random.Random(0), Counter()
+    for _ in range(300):
+        turns = grounding_turns(truth, rng)
+        assert len(turns) == 5  # a yes/no question per attribute, an either-or for modality and plane
+        for question, answer in turns:
+            options = closed_options(question)
+            if answer in ("yes", "no"):
+                answers[answer] += 1
+                asked_true = any(word in question for word in ("MRI", "head", "brain", "coronal"))
+                assert (answer == "yes") == asked_true, question
+            else:
+                assert answer in truth.values() and len(options) == 2, question
+            assert closed_strict(answer, answer, options)
+    assert 0.4 < answers["yes"] / sum(answers.values()) < 0.6
+
+
+def test_false_values_come_from_the_attributes_own_choices():
+    seen = Counter()
+    rng = random.Random(1)
+    for _ in range(200):
+        for question, _ in grounding_turns({"modality": "CT"}, rng):
+            seen.update(name for name in MODALITIES if f" {name}" in question)
+    assert set(seen) == set(MODALITIES)
+    assert set(ORGANS) == {"head", "chest", "abdomen"} and {"axial", "PA"} <= set(PLANES)
+
+
+def test_conversations_use_only_the_buckets_asked_for_and_are_reproducible(tmp_path):
+    train, val = _names_in("train", 2), _names_in("val", 1)
+    qas = [_qa(n, "What kind of scan is this?", "MRI", "MODALITY") for n in train + val]
+    qas.append(_qa(_names_in("train", 3)[2], "Is there a mass?", "no", "PRES", organ="LIMB"))  # no attribute
+    (tmp_path / "trainset.json").write_text(json.dumps(qas))
+    records = grounding_conversations(tmp_path / "trainset.json", buckets=("train",), repeats=2)
+    assert sorted(r["id"] for r in records) == sorted(f"{n}-grounding{k}" for n in train for k in (0, 1))
+    assert records == grounding_conversations(tmp_path / "trainset.json", buckets=("train",), repeats=2)
+    for record in records:
+        humans = [t["value"] for t in record["conversations"] if t["from"] == "human"]
+        assert humans[0].startswith("<image>\n") and not any("<image>" in h for h in humans[1:])
+        assert record["image"] == str((tmp_path / "images" / record["id"].split("-grounding")[0]).resolve())
+    first = {r["id"]: r["conversations"] for r in records}
+    assert any(first[f"{n}-grounding0"] != first[f"{n}-grounding1"] for n in train), "repeats draw anew"
+    assert grounding_conversations(tmp_path / "trainset.json", buckets=("val",))[0]["id"] == f"{val[0]}-grounding0"

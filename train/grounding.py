@@ -1,0 +1,116 @@
+"""Image-grounding questions: yes/no and either-or questions about what a VQA-RAD image is (its
+modality, organ and plane), built from what the image's own training questions say about it.
+
+Why: about 58% of VQA-RAD's closed test questions are answered right from the question alone (the
+demo model with a black image, MODEL_CARD.md), and a small model trained on VQA-RAD's questions
+learns that prior more easily than it learns to look. Here each question asks the image's true
+value for half of the images and a wrong one for the other half, so the words of the question do
+not give the answer away and only the image can. The labels come from VQA-RAD's training questions
+about the same image (see organs_and_modality_votes and plane_votes), and only images of the
+buckets asked for are used, so the validation and held-out images stay unseen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from collections import Counter
+from pathlib import Path
+
+from train.captions import organs_and_modality_votes
+
+MODALITIES = {"CT": "a CT", "MRI": "an MRI", "x-ray": "an x-ray"}  # name (the answer) -> with article
+ORGANS = {"head": ("head", "brain"), "chest": ("chest",), "abdomen": ("abdomen",)}  # -> the words asked
+PLANES = {"axial": "an axial", "coronal": "a coronal", "sagittal": "a sagittal", "PA": "a PA", "AP": "an AP"}
+PLANE_WORDS = [(r"\b(axial|transverse)\b", "axial"), (r"\bcoronal\b", "coronal"), (r"\bsagg?ittal\b", "sagittal"),
+               (r"\b(pa|posteroanterior|posterior anterior|posterior-anterior)\b", "PA"),
+               (r"\b(ap|anteroposterior|anterior posterior|anterior-posterior)\b", "AP")]
+
+YES_NO = {
+    "modality": ["Is this {a}?", "Is this {a} image?", "Was this image taken with {name}?"],
+    "organ": ["Is this an image of the {name}?", "Is this a study of the {name}?", "Does this image show the {name}?"],
+    "plane": ["Is this {a} image?", "Is this {a} view?", "Is this image in the {name} plane?"],
+}
+EITHER_OR = {"modality": "Is this {a} or {b}?", "plane": "Is this {a} or {b} image?"}
+
+
+def plane_votes(qas: list[dict]) -> dict[str, Counter]:
+    """Per VQA-RAD image name: how many of its PLANE questions assert each plane (an open answer, or a
+    yes to a question that names exactly one plane). Denials name the wrong plane and are skipped."""
+    votes: dict[str, Counter] = {}
+    for qa in qas:
+        if qa.get("question_type") != "PLANE":
+            continue
+        answer = str(qa.get("answer", "")).lower().strip()
+        text = str(qa.get("question", "")).lower() if answer == "yes" else answer
+        named = {plane for pattern, plane in PLANE_WORDS if re.search(pattern, text)}
+        if answer != "no" and len(named) == 1:
+            votes.setdefault(qa["image_name"], Counter())[named.pop()] += 1
+    return votes
+
+
+def image_attributes(qas: list[dict]) -> dict[str, dict[str, str]]:
+    """Per image name: {"modality": "CT", "organ": "abdomen", "plane": "axial"}, each key present
+    only when the image's questions settle it (the most-voted modality or plane)."""
+    organs, modality_votes = organs_and_modality_votes(qas)
+    planes = plane_votes(qas)
+    attributes = {}
+    for name, organ in organs.items():
+        found = {"organ": organ} if organ in ORGANS else {}
+        for key, votes, allowed in (("modality", modality_votes.get(name), MODALITIES),
+                                    ("plane", planes.get(name), PLANES)):
+            top = votes.most_common(1) if votes else []
+            if top and top[0][0] in allowed:
+                found[key] = top[0][0]
+        attributes[name] = found
+    return attributes
+
+
+def grounding_turns(attributes: dict[str, str], rng: random.Random) -> list[tuple[str, str]]:
+    """(question, answer) pairs for one image, in a random order: a yes/no question per attribute,
+    true or false with even odds, and an either-or question when the image has a modality or plane."""
+    values = {"modality": list(MODALITIES), "organ": list(ORGANS), "plane": list(PLANES)}
+    turns = []
+    for key, truth in attributes.items():
+        asked = truth if rng.random() < 0.5 else rng.choice([v for v in values[key] if v != truth])
+        turns.append((rng.choice(YES_NO[key]).format(a=_with_article(key, asked), name=_word(key, asked, rng)),
+                      "yes" if asked == truth else "no"))
+        if key in EITHER_OR:
+            pair = [truth, rng.choice([v for v in values[key] if v != truth])]
+            rng.shuffle(pair)
+            turns.append((EITHER_OR[key].format(a=_with_article(key, pair[0]), b=_with_article(key, pair[1])), truth))
+    rng.shuffle(turns)
+    return turns
+
+
+def grounding_conversations(trainset_json: str | Path, buckets: tuple[str, ...] = ("train",), repeats: int = 1,
+                            seed: int = 0) -> list[dict]:
+    """`repeats` grounding conversations per VQA-RAD image of `buckets` that has any attribute, as
+    LLaVA records; each repeat draws its questions anew, from a seeded RNG keyed by image and repeat."""
+    from eval.tasks import vqa_rad_image_bucket
+    from vlm.prompts import VQA_FOLLOWUP, VQA_PROMPT
+
+    path = Path(trainset_json)
+    records = []
+    for name, attributes in sorted(image_attributes(json.loads(path.read_text())).items()):
+        if not attributes or vqa_rad_image_bucket(name) not in buckets:
+            continue
+        for copy in range(repeats):
+            key = hashlib.sha1(f"{seed}:{name}:{copy}".encode()).hexdigest()
+            turns = []
+            for k, (question, answer) in enumerate(grounding_turns(attributes, random.Random(int(key[:16], 16)))):
+                prompt = (VQA_FOLLOWUP if k else VQA_PROMPT).format(question=question)
+                turns += [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]
+            records.append({"id": f"{name}-grounding{copy}", "image": str((path.parent / "images" / name).resolve()),
+                            "conversations": turns})
+    return records
+
+
+def _with_article(key: str, value: str) -> str:
+    return MODALITIES[value] if key == "modality" else PLANES[value] if key == "plane" else f"the {value}"
+
+
+def _word(key: str, value: str, rng: random.Random) -> str:
+    return rng.choice(ORGANS[value]) if key == "organ" else value
