@@ -104,7 +104,6 @@ def vqa_rad_conversations(trainset_json: str | Path, buckets: tuple[str, ...] = 
     """VQA-RAD question-answer pairs -> LLaVA conversations, several turns per image, the image
     marker in the first turn; only images in `buckets` (see eval.tasks)."""
     from eval.tasks import vqa_rad_image_bucket
-    from vlm.prompts import VQA_FOLLOWUP, VQA_PROMPT
 
     path = Path(trainset_json)
     by_image: dict[str, list[dict]] = {}
@@ -114,14 +113,22 @@ def vqa_rad_conversations(trainset_json: str | Path, buckets: tuple[str, ...] = 
     records = []
     for name, qas in sorted(by_image.items()):
         for start in range(0, len(qas), questions_per_conversation):
-            turns = []
-            for k, qa in enumerate(qas[start:start + questions_per_conversation]):
-                # the image is shown once, in the first turn
-                prompt = (VQA_FOLLOWUP if k else VQA_PROMPT).format(question=str(qa["question"]).strip())
-                turns += [{"from": "human", "value": prompt}, {"from": "gpt", "value": str(qa["answer"]).strip()}]
+            pairs = [(str(qa["question"]).strip(), str(qa["answer"]).strip())
+                     for qa in qas[start:start + questions_per_conversation]]
             records.append({"id": f"{name}-{start}", "image": str((path.parent / "images" / name).resolve()),
-                            "conversations": turns})
+                            "conversations": question_answer_turns(pairs)})
     return records
+
+
+def question_answer_turns(pairs: list[tuple[str, str]]) -> list[dict]:
+    """(question, answer) pairs -> LLaVA turns with the VQA prompt; the image is shown once, in the first turn."""
+    from vlm.prompts import VQA_FOLLOWUP, VQA_PROMPT
+
+    turns = []
+    for k, (question, answer) in enumerate(pairs):
+        prompt = (VQA_FOLLOWUP if k else VQA_PROMPT).format(question=question)
+        turns += [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]
+    return turns
 
 
 def write_json_list(path: Path, records: list[dict]) -> int:

@@ -19,7 +19,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from train.captions import organs_and_modality_votes
+from train.captions import organs_and_modality_votes, question_answer_turns
 
 MODALITIES = {"CT": "a CT", "MRI": "an MRI", "x-ray": "an x-ray"}  # name (the answer) -> with article
 ORGANS = {"head": ("head", "brain"), "chest": ("chest",), "abdomen": ("abdomen",)}  # -> the words asked
@@ -90,7 +90,6 @@ def grounding_conversations(trainset_json: str | Path, buckets: tuple[str, ...] 
     """`repeats` grounding conversations per VQA-RAD image of `buckets` that has any attribute, as
     LLaVA records; each repeat draws its questions anew, from a seeded RNG keyed by image and repeat."""
     from eval.tasks import vqa_rad_image_bucket
-    from vlm.prompts import VQA_FOLLOWUP, VQA_PROMPT
 
     path = Path(trainset_json)
     records = []
@@ -99,10 +98,7 @@ def grounding_conversations(trainset_json: str | Path, buckets: tuple[str, ...] 
             continue
         for copy in range(repeats):
             key = hashlib.sha1(f"{seed}:{name}:{copy}".encode()).hexdigest()
-            turns = []
-            for k, (question, answer) in enumerate(grounding_turns(attributes, random.Random(int(key[:16], 16)))):
-                prompt = (VQA_FOLLOWUP if k else VQA_PROMPT).format(question=question)
-                turns += [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]
+            turns = question_answer_turns(grounding_turns(attributes, random.Random(int(key[:16], 16))))
             records.append({"id": f"{name}-grounding{copy}", "image": str((path.parent / "images" / name).resolve()),
                             "conversations": turns})
     return records
