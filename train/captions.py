@@ -3,7 +3,9 @@ VQA-RAD organ/modality. Paths in the written JSONL are absolute."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 import re
 from collections import Counter
 from pathlib import Path
@@ -129,6 +131,12 @@ def question_answer_turns(pairs: list[tuple[str, str]]) -> list[dict]:
         prompt = (VQA_FOLLOWUP if k else VQA_PROMPT).format(question=question)
         turns += [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]
     return turns
+
+
+def keyed_rng(key: str) -> random.Random:
+    """A random generator seeded by the SHA-1 of `key` (not Python's hash(), which changes between
+    processes), so generated training text depends only on the key (e.g. seed and image name)."""
+    return random.Random(int(hashlib.sha1(key.encode()).hexdigest()[:16], 16))
 
 
 def write_json_list(path: Path, records: list[dict]) -> int:

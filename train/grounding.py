@@ -12,14 +12,13 @@ buckets asked for are used, so the validation and held-out images stay unseen.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
 from collections import Counter
 from pathlib import Path
 
-from train.captions import organs_and_modality_votes, question_answer_turns
+from train.captions import keyed_rng, organs_and_modality_votes, question_answer_turns
 
 MODALITIES = {"CT": "a CT", "MRI": "an MRI", "x-ray": "an x-ray"}  # name (the answer) -> with article
 ORGANS = {"head": ("head", "brain"), "chest": ("chest",), "abdomen": ("abdomen",)}  # -> the words asked
@@ -97,8 +96,7 @@ def grounding_conversations(trainset_json: str | Path, buckets: tuple[str, ...] 
         if not attributes or vqa_rad_image_bucket(name) not in buckets:
             continue
         for copy in range(repeats):
-            key = hashlib.sha1(f"{seed}:{name}:{copy}".encode()).hexdigest()
-            turns = question_answer_turns(grounding_turns(attributes, random.Random(int(key[:16], 16))))
+            turns = question_answer_turns(grounding_turns(attributes, keyed_rng(f"{seed}:{name}:{copy}")))
             records.append({"id": f"{name}-grounding{copy}", "image": str((path.parent / "images" / name).resolve()),
                             "conversations": turns})
     return records

@@ -8,12 +8,12 @@ picked by a seeded RNG keyed by the image name, so a rerun writes the same file.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from functools import cache
 from importlib import resources
 from pathlib import Path
 
+from train.captions import keyed_rng
 from train.clip import _label_rows
 
 TEMPLATES = "templates/nih_findings.yaml"
@@ -44,8 +44,7 @@ def nih_report_conversations(labels_csv: str | Path, split: str, seed: int = 0) 
 
     records = []
     for image, findings in _label_rows(Path(labels_csv), split):
-        key = hashlib.sha1(f"{seed}:{image.name}".encode()).hexdigest()
-        paragraph = findings_paragraph(findings, random.Random(int(key[:16], 16)))
+        paragraph = findings_paragraph(findings, keyed_rng(f"{seed}:{image.name}"))
         records.append({"id": f"nih-{image.stem}", "image": str(image.resolve()),
                         "conversations": [{"from": "human", "value": REPORT_PROMPT},
                                           {"from": "gpt", "value": paragraph}]})
