@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from train.captions import organs_and_modality_votes
+from train.captions import organs_and_modality_votes, top_vote
 from train.data import load_conversations
 from train.vlm_stage import collate_conversations
 from vlm.checkpoint import load_checkpoint
@@ -71,7 +71,7 @@ def tower_probe(model, vqa_rad: str | Path) -> dict[str, dict]:
     features = torch.cat([model.vision(model.vision.preprocess(
         [load_image(vqa_rad / "images" / n).to_pil() for n in names[i: i + 32]])).mean(1)
         for i in range(0, len(names), 32)])
-    modality = {n: v.most_common(1)[0][0] for n, v in votes.items() if v}
+    modality = {n: top_vote(v) for n, v in votes.items() if v}
     report = {}
     for task, label_of in (("organ", organs), ("modality", modality)):
         keep = [i for i, n in enumerate(names) if n in label_of]

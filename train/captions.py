@@ -43,8 +43,8 @@ def write_vqa_rad_captions(trainset_json: str | Path, out_jsonl: str | Path, ima
     organs, votes = organs_and_modality_votes(json.loads(path.read_text()))
     lines = []
     for name in sorted(set(organs) - set(exclude)):
-        top = votes[name].most_common(1)
-        phrase = MODALITY_PHRASE[top[0][0]] if top else "a radiology image"
+        modality = top_vote(votes[name])
+        phrase = MODALITY_PHRASE[modality] if modality else "a radiology image"
         lines.append(json.dumps({"image": str((images / name).resolve()), "text": f"{phrase} of the {organs[name]}."}))
     return _write_lines(Path(out_jsonl), lines)
 
@@ -60,6 +60,12 @@ def organs_and_modality_votes(qas: list[dict]) -> tuple[dict[str, str], dict[str
         if modality:
             votes[name][modality] += 1
     return organs, votes
+
+
+def top_vote(votes: Counter | None) -> str | None:
+    """The value with the most votes (the first counted among ties), or None when there are none."""
+    top = votes.most_common(1) if votes else []
+    return top[0][0] if top else None
 
 
 def _modality(question: str, answer: str, kind: str | None = "MODALITY") -> str | None:

@@ -18,7 +18,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from train.captions import keyed_rng, organs_and_modality_votes, question_answer_turns
+from train.captions import keyed_rng, organs_and_modality_votes, question_answer_turns, top_vote
 
 MODALITIES = {"CT": "a CT", "MRI": "an MRI", "x-ray": "an x-ray"}  # name (the answer) -> with article
 ORGANS = {"head": ("head", "brain"), "chest": ("chest",), "abdomen": ("abdomen",)}  # -> the words asked
@@ -32,6 +32,7 @@ YES_NO = {
     "organ": ["Is this an image of the {name}?", "Is this a study of the {name}?", "Does this image show the {name}?"],
     "plane": ["Is this {a} image?", "Is this {a} view?", "Is this image in the {name} plane?"],
 }
+CHOICES = {"modality": list(MODALITIES), "organ": list(ORGANS), "plane": list(PLANES)}
 EITHER_OR = {"modality": "Is this {a} or {b}?", "plane": "Is this {a} or {b} image?"}
 
 
@@ -60,9 +61,9 @@ def image_attributes(qas: list[dict]) -> dict[str, dict[str, str]]:
         found = {"organ": organ} if organ in ORGANS else {}
         for key, votes, allowed in (("modality", modality_votes.get(name), MODALITIES),
                                     ("plane", planes.get(name), PLANES)):
-            top = votes.most_common(1) if votes else []
-            if top and top[0][0] in allowed:
-                found[key] = top[0][0]
+            top = top_vote(votes)
+            if top in allowed:
+                found[key] = top
         attributes[name] = found
     return attributes
 
@@ -70,14 +71,13 @@ def image_attributes(qas: list[dict]) -> dict[str, dict[str, str]]:
 def grounding_turns(attributes: dict[str, str], rng: random.Random) -> list[tuple[str, str]]:
     """(question, answer) pairs for one image, in a random order: a yes/no question per attribute,
     true or false with even odds, and an either-or question when the image has a modality or plane."""
-    values = {"modality": list(MODALITIES), "organ": list(ORGANS), "plane": list(PLANES)}
     turns = []
     for key, truth in attributes.items():
-        asked = truth if rng.random() < 0.5 else rng.choice([v for v in values[key] if v != truth])
+        asked = truth if rng.random() < 0.5 else rng.choice([v for v in CHOICES[key] if v != truth])
         turns.append((rng.choice(YES_NO[key]).format(a=_with_article(key, asked), name=_word(key, asked, rng)),
                       "yes" if asked == truth else "no"))
         if key in EITHER_OR:
-            pair = [truth, rng.choice([v for v in values[key] if v != truth])]
+            pair = [truth, rng.choice([v for v in CHOICES[key] if v != truth])]
             rng.shuffle(pair)
             turns.append((EITHER_OR[key].format(a=_with_article(key, pair[0]), b=_with_article(key, pair[1])), truth))
     rng.shuffle(turns)
