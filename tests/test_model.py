@@ -231,3 +231,20 @@ def test_train_mode_leaves_a_frozen_vision_tower_in_eval_mode(tiny_model):
     tiny_model.config = tiny_model.config.replace(vision={"trainable": True})
     tiny_model.train()
     assert tiny_model.vision.training
+
+
+def test_a_trained_cnn_tower_keeps_its_batch_norm_statistics(tiny_config):
+    """instruct --train-vision: the trunk's weights learn, its batch norm keeps the running statistics."""
+    import torch.nn as nn
+
+    cnn = {"embed_dim": 32, "vision_cfg": {"timm_model_name": "efficientnet_lite0", "timm_model_pretrained": False,
+                                           "timm_pool": "avg", "timm_proj": "linear", "image_size": 64}}
+    config = dataclasses.replace(tiny_config, vision=dataclasses.replace(
+        tiny_config.vision, arch=cnn, trainable=True, feature_layer=-1)).validate()
+    model = MedVLM.build(config).train()
+    norms = [m for m in model.vision.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert norms and not any(m.training for m in norms)
+    assert any(m.training for m in model.vision.modules() if isinstance(m, nn.Conv2d))
+    before = [m.running_mean.clone() for m in norms]
+    model.image_features(torch.rand(2, 3, 64, 64))
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(before, norms))

@@ -64,6 +64,26 @@ def test_align_trains_only_the_projector(data, tiny_llm_dir, tmp_path):
     assert trainable == {"projector"}
 
 
+def test_instruct_trains_the_tower_at_its_fraction_of_the_lr(data, tiny_llm_dir, tmp_path, capsys):
+    from train.cli import build_stage, load_config_file
+
+    config = write_config(tmp_path, tiny_llm_dir, steps=2)
+    stage, _ = build_stage("instruct", load_config_file(str(config)), {},
+                           {"train_data": str(data["instruct"]), "train_vision": True, "vision_lr_scale": 0.25})
+    model = stage.build_model()
+    groups = stage.param_groups(model)
+    vision = {id(p) for p in model.vision.parameters()}
+    assert [g["lr_scale"] for g in groups] == [1.0, 0.25]
+    assert {id(p) for p in groups[1]["params"]} == vision and not vision & {id(p) for p in groups[0]["params"]}
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+    assert _train("instruct", config, data["instruct"], tmp_path / "run", "--train-vision",
+                  "--vision-lr-scale", "0.25") == 0
+    assert (tmp_path / "run" / "final" / "vision.safetensors").is_file()
+    assert _train("instruct", config, data["instruct"], tmp_path / "bad", "--train-vision",
+                  "--vision-lr-scale", "0") == 2
+    assert "vision_lr_scale must be in (0, 1]" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def captioned_llm_dir(tiny_llm_dir, tmp_path_factory):
     return pretrain_llm_on_captions(tiny_llm_dir, tmp_path_factory.mktemp("captioned-llm"))

@@ -138,7 +138,10 @@ def train(stage: Stage, cfg: TrainConfig, resume: bool = True) -> Path:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError(f"stage {stage.name!r}: nothing to train (every parameter is frozen).")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # A stage may give parts of the model a fraction of the lr (`lr_scale`); the schedule scales all.
+    groups = stage.param_groups(model) if hasattr(stage, "param_groups") else [{"params": params, "lr_scale": 1.0}]
+    optimizer = torch.optim.AdamW([{"params": g["params"], "lr": cfg.lr * g["lr_scale"]} for g in groups],
+                                  lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     order = DataOrder(len(train_set), cfg.batch_size, cfg.seed, rank, world, lengths=_lengths(stage, train_set, cfg))
     step = 0

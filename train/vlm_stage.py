@@ -37,6 +37,9 @@ class VLMStageConfig:
     """Override the LLM's quantization (none, 8bit, 4bit); empty keeps the model's."""
     train_vision: bool = False
     """Also train the vision tower (instruct)."""
+    vision_lr_scale: float = 0.2
+    """The trained vision tower's learning rate, as a fraction of the stage's: a pretrained tower
+    should move less than the fresh adapter and projector beside it."""
     val_batches: int = 20
     """At most this many validation batches per evaluation."""
 
@@ -83,6 +86,16 @@ class VLMStage:
     def configure(self, model):
         """Set requires_grad for this stage; subclasses decide."""
         raise NotImplementedError
+
+    def param_groups(self, model) -> list[dict]:
+        """The optimizer's parameter groups: the vision tower's at `vision_lr_scale` of the lr."""
+        if not 0 < self.cfg.vision_lr_scale <= 1:
+            raise ConfigError(f"vision_lr_scale must be in (0, 1], got {self.cfg.vision_lr_scale}.")
+        vision = {id(p) for p in model.vision.parameters()}
+        trained = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in trained if id(p) not in vision], "lr_scale": 1.0},
+                  {"params": [p for p in trained if id(p) in vision], "lr_scale": self.cfg.vision_lr_scale}]
+        return [g for g in groups if g["params"]]
 
     # -- data ------------------------------------------------------------------------------------
     def datasets(self):

@@ -114,11 +114,16 @@ class MedVLM(nn.Module):
         return out
 
     def train(self, mode: bool = True):
-        """A frozen vision tower stays in eval mode: a CNN trunk's batch norm would otherwise switch to
-        batch statistics and overwrite its running statistics during LLM training."""
+        """The vision tower's batch norm keeps its running statistics: a frozen tower stays in eval
+        mode, and a trained one still normalizes with them, because batches of a few conversations
+        (grouped by length, so often all from one dataset) are too small and too uniform to
+        replace the statistics its contrastive training estimated."""
         super().train(mode)
         if not self.config.vision.trainable:
             self.vision.eval()
+        for module in self.vision.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
         return self
 
     def trainable_state(self) -> dict[str, dict[str, torch.Tensor]]:
