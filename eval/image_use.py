@@ -2,11 +2,17 @@
 
     python -m eval.image_use loss-gap --model demo --data data/demo/train.json --n 40
     python -m eval.image_use probe --model demo --vqa-rad ../shared/data/vqa_rad
+    python -m eval.image_use nih-probe --model demo --nih ../shared/data/nih_cxr
 
 loss-gap: the answer loss on conversations with their real image and with a black one; a model
 that ignores the image scores the same twice. probe: can the frozen image tower's mean-pooled
 tokens tell VQA-RAD images' organ and modality apart? (5-fold nearest-class-mean on standardized
 features; if yes, a model that still gets "is this a CT?" wrong loses the fact after the tower.)
+nih-probe: one logistic regression per CheXpert observation on the same pooled tokens of the NIH
+train split, scored on val and test the way drafted reports are: an observation where its
+probability passes 0.5 (what a decoder that takes each finding's likelier side would write),
+"No Finding" where none does. If it beats the "No Finding" baseline and the reports do not, the
+tower sees enough and the report's wording or decoding loses it.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from eval.labeler import OBSERVATIONS, clinical_efficacy, nih_to_chexpert
 from train.captions import organs_and_modality_votes, top_vote
+from train.clip import _label_rows, auroc
 from train.data import load_conversations
 from train.vlm_stage import collate_conversations
 from vlm.checkpoint import load_checkpoint
@@ -82,6 +90,61 @@ def tower_probe(model, vqa_rad: str | Path) -> dict[str, dict]:
     return report
 
 
+def logistic_regression(x: torch.Tensor, y: torch.Tensor, l2: float = 0.02, steps: int = 200) -> torch.Tensor:
+    """Weights (bias last) of an L2-penalized logistic regression fit by L-BFGS."""
+    x = torch.cat([x, torch.ones(len(x), 1)], 1)
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    optimizer = torch.optim.LBFGS([w], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def objective():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w, y) + l2 * w[:-1].square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(objective)
+    return w.detach()
+
+
+@torch.no_grad()
+def pooled_features(model, paths: list[Path], batch_size: int = 32) -> torch.Tensor:
+    return torch.cat([model.vision(model.vision.preprocess([load_image(p).to_pil() for p in paths[i: i + batch_size]])).mean(1)
+                      for i in range(0, len(paths), batch_size)])
+
+
+def nih_probe(model, nih: str | Path, threshold: float = 0.5, min_positives: int = 5) -> dict:
+    """Per-observation logistic probes on the tower's pooled tokens (NIH train), scored on val and
+    test as reports are scored (eval.labeler.clinical_efficacy), beside the "No Finding" baseline."""
+    splits = {s: _label_rows(Path(nih) / "labels.csv", s) for s in ("train", "val", "test")}
+    gold = {s: [nih_to_chexpert(findings) for _, findings in rows] for s, rows in splits.items()}
+    features = {s: pooled_features(model, [image for image, _ in rows]) for s, rows in splits.items()}
+    mean, std = features["train"].mean(0), features["train"].std(0) + 1e-6
+    features = {s: (f - mean) / std for s, f in features.items()}
+    observed = [o for o in OBSERVATIONS if o != "No Finding" and any(g.get(o) is not None for g in gold["train"])]
+    probabilities, report = {s: {} for s in splits}, {"threshold": threshold, "auroc": {}}
+    for obs in observed:
+        y = torch.tensor([float(g.get(obs) == 1) for g in gold["train"]])
+        if y.sum() < min_positives:
+            continue
+        w = logistic_regression(features["train"], y)
+        for s in splits:
+            probabilities[s][obs] = torch.sigmoid(features[s] @ w[:-1] + w[-1])
+        report["auroc"][obs] = {s: auroc(probabilities[s][obs].tolist(), [g.get(obs) == 1 for g in gold[s]])
+                                for s in ("val", "test")}
+    scored = observed + ["No Finding"]
+    for s in ("val", "test"):
+        predicted = []
+        for i in range(len(gold[s])):
+            present = {o for o, p in probabilities[s].items() if p[i] > threshold}
+            predicted.append({o: int(o in present) for o in observed} | {"No Finding": int(not present)})
+        everyone_normal = [{o: int(o == "No Finding") for o in scored}] * len(gold[s])
+        report[s] = {"images": len(gold[s]), "with_a_finding": sum(p["No Finding"] == 0 for p in predicted),
+                     "probe_micro_f1": clinical_efficacy(predicted, gold[s], scored, uncertain_as_positive=False)["micro_f1"],
+                     "no_finding_baseline_micro_f1": clinical_efficacy(everyone_normal, gold[s], scored,
+                                                                       uncertain_as_positive=False)["micro_f1"]}
+    return report
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m eval.image_use", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="check", required=True)
@@ -90,11 +153,18 @@ def main(argv: list[str] | None = None) -> None:
     gap.add_argument("--n", type=int, default=40, help="conversations, drawn with seed 0")
     probe = sub.add_parser("probe", help="organ/modality from the image tower's pooled tokens")
     probe.add_argument("--vqa-rad", required=True, help="folder with trainset.json, testset.json, images/")
-    for p in (gap, probe):
+    findings = sub.add_parser("nih-probe", help="NIH findings from the image tower's pooled tokens, scored as reports")
+    findings.add_argument("--nih", required=True, help="folder with labels.csv and images/")
+    for p in (gap, probe, findings):
         p.add_argument("--model", default="demo")
     args = parser.parse_args(argv)
     model = load_checkpoint(args.model).eval()
-    result = loss_gap(model, args.data, args.n) if args.check == "loss-gap" else tower_probe(model, args.vqa_rad)
+    if args.check == "loss-gap":
+        result = loss_gap(model, args.data, args.n)
+    elif args.check == "probe":
+        result = tower_probe(model, args.vqa_rad)
+    else:
+        result = nih_probe(model, args.nih)
     print(json.dumps(result, indent=1))
 
 

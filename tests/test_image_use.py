@@ -5,7 +5,7 @@ import math
 import torch
 from PIL import Image
 
-from eval.image_use import loss_gap, nearest_mean_accuracy, tower_probe
+from eval.image_use import logistic_regression, loss_gap, nearest_mean_accuracy, nih_probe, tower_probe
 from tests.conftest import write_json
 
 
@@ -50,3 +50,34 @@ def test_tower_probe_labels_organ_and_voted_modality(tiny_model, tmp_path):
     # img3's only question denies a CT, so it names no modality and is left out
     assert report["modality"]["classes"] == {"CT": 1, "x-ray": 1, "MRI": 1}
     assert 0.0 <= report["organ"]["accuracy"] <= 1.0
+
+
+def test_logistic_regression_fits_a_separable_direction_and_not_noise():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=g)
+    y = (x[:, 2] > 0).float()
+    w = logistic_regression(x, y)
+    assert ((x @ w[:-1] + w[-1] > 0).float() == y).float().mean() > 0.95
+    assert w[2] > 5 * w[[0, 1, 3, 4, 5]].abs().max()  # it found the one feature that decides
+    noise = logistic_regression(x, (torch.rand(200, generator=g) > 0.5).float())
+    assert noise[:-1].abs().max() < w[2] / 5
+
+
+def test_nih_probe_finds_a_finding_the_images_show(tiny_model, tmp_path):
+    """Effusion images are white, the rest dark: the probe separates them on both scored splits,
+    and scores them the way reports are scored, beside the every-report-normal baseline."""
+    rows, colours = ["image,findings,split"], []
+    for split, n in (("train", 24), ("val", 8), ("test", 8)):
+        for i in range(n):
+            effusion = i % 2 == 0
+            colours.append("white" if effusion else (20 + i, 20, 20))
+            rows.append(f"images/img{len(colours) - 1}.png,{'Effusion' if effusion else 'No Finding'},{split}")
+    _images(tmp_path / "images", colours)
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    report = nih_probe(tiny_model.eval(), tmp_path)
+    assert set(report["auroc"]) == {"Pleural Effusion"}  # the only observation with 5+ train positives
+    for split in ("val", "test"):
+        assert report["auroc"]["Pleural Effusion"][split] == 1.0
+        assert report[split]["images"] == 8 and report[split]["with_a_finding"] == 4
+        assert report[split]["probe_micro_f1"] == 1.0
+        assert report[split]["no_finding_baseline_micro_f1"] == 0.5
