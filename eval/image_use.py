@@ -70,15 +70,20 @@ def nearest_mean_accuracy(features: torch.Tensor, labels: list[str], folds: int 
 
 
 @torch.no_grad()
+def pooled_features(model, paths: list[Path], batch_size: int = 32) -> torch.Tensor:
+    """The image tower's tokens of each image, mean-pooled: one row per path."""
+    return torch.cat([model.vision(model.vision.preprocess([load_image(p).to_pil() for p in paths[i: i + batch_size]])).mean(1)
+                      for i in range(0, len(paths), batch_size)])
+
+
+@torch.no_grad()
 def tower_probe(model, vqa_rad: str | Path) -> dict[str, dict]:
     """Organ (all images) and modality (images whose questions vote one) from the tower's tokens."""
     vqa_rad = Path(vqa_rad)
     qas = json.loads((vqa_rad / "trainset.json").read_text()) + json.loads((vqa_rad / "testset.json").read_text())
     organs, votes = organs_and_modality_votes(qas)
     names = sorted(organs)
-    features = torch.cat([model.vision(model.vision.preprocess(
-        [load_image(vqa_rad / "images" / n).to_pil() for n in names[i: i + 32]])).mean(1)
-        for i in range(0, len(names), 32)])
+    features = pooled_features(model, [vqa_rad / "images" / n for n in names])
     modality = {n: top_vote(v) for n, v in votes.items() if v}
     report = {}
     for task, label_of in (("organ", organs), ("modality", modality)):
@@ -104,12 +109,6 @@ def logistic_regression(x: torch.Tensor, y: torch.Tensor, l2: float = 0.02, step
 
     optimizer.step(objective)
     return w.detach()
-
-
-@torch.no_grad()
-def pooled_features(model, paths: list[Path], batch_size: int = 32) -> torch.Tensor:
-    return torch.cat([model.vision(model.vision.preprocess([load_image(p).to_pil() for p in paths[i: i + batch_size]])).mean(1)
-                      for i in range(0, len(paths), batch_size)])
 
 
 def nih_probe(model, nih: str | Path, threshold: float = 0.5, min_positives: int = 5) -> dict:

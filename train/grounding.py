@@ -5,9 +5,10 @@ Why: version 3 of the demo model, trained without these, answered 58% of VQA-RAD
 questions right with a black image and 60% with the real one (MODEL_CARD.md, "History"): a small
 model trained on VQA-RAD's questions learns their language prior more easily than it learns to
 look. Here each question asks the image's true value for about half of the images and a wrong one
-for the rest, so the words of the question do not give the answer away and only the image can. The labels come from VQA-RAD's training questions
-about the same image (see organs_and_modality_votes and plane_votes), and only images of the
-buckets asked for are used, so the validation and held-out images stay unseen.
+for the rest, so the words of the question do not give the answer away and only the image can.
+The labels come from VQA-RAD's training questions about the same image (see
+organs_and_modality_votes and plane_votes), and only images of the buckets asked for are used, so
+the validation and held-out images stay unseen.
 """
 
 from __future__ import annotations

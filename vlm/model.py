@@ -121,9 +121,10 @@ class MedVLM(nn.Module):
         super().train(mode)
         if not self.config.vision.trainable:
             self.vision.eval()
-        for module in self.vision.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
+        else:
+            for module in self.vision.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         return self
 
     def trainable_state(self) -> dict[str, dict[str, torch.Tensor]]:
