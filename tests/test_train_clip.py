@@ -41,16 +41,20 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory) -> Path:
-    """A 2-layer BERT and a WordPiece tokenizer ([PAD] = 0) trained on CAPTIONS, as an HF folder."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    """A 2-layer BERT and a WordPiece tokenizer ([PAD] = 0) whose vocabulary is CAPTIONS' words, as
+    an HF folder. The vocabulary is listed in sorted order rather than trained: the WordPiece
+    trainer numbers tied tokens in hash order, which changes between processes, so the seeded
+    BERT's embeddings met different words in each run and the clip loss curve changed with them."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    raw = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    raw.normalizer = normalizers.BertNormalizer(lowercase=True)
-    raw.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    raw.train_from_iterator(CAPTIONS * 10, trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials))
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = sorted({word for caption in CAPTIONS
+                    for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(caption))})
+    raw = Tokenizer(models.WordPiece({token: i for i, token in enumerate(specials + words)}, unk_token="[UNK]"))
+    raw.normalizer, raw.pre_tokenizer = normalizer, pre_tokenizer
     cls, sep = raw.token_to_id("[CLS]"), raw.token_to_id("[SEP]")
     raw.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", pad_token="[PAD]",
