@@ -60,6 +60,10 @@ RULES = {
                     "Pleural Other; Emphysema, Fibrosis and Hernia have no CheXpert counterpart and are dropped); a "
                     "mapped observation that is not listed is negative. Text metrics need text references and are "
                     "not computed.",
+        "shuffled_reports": "With label gold: the same reports dealt to the images in random order (as many "
+                            "permutations as bootstrap resamples, seed 0) keep how often each finding is written "
+                            "and lose any link to the image; the share of permutations scoring at least the "
+                            "reports' own micro-F1 is a one-sided permutation p-value.",
         **_COMMON,
     },
 }
@@ -106,6 +110,12 @@ def markdown(results: dict) -> str:
         lines.append(f"| baseline: every report '{', '.join(majority) or 'nothing'}' (the majority label set, "
                      f"{b['majority_share']:.0%} of reports), ce_micro_f1 / ce_macro_f1 | "
                      f"{b['ce_micro_f1']:.3f} / {b['ce_macro_f1']:.3f} | {counts['reports']} |")
+    shuffled = results.get("baselines", {}).get("shuffled_reports")
+    if shuffled is not None:
+        lines.append(f"| control: these reports dealt to the images in random order ({shuffled['permutations']} "
+                     f"permutations), ce_micro_f1 mean / 95th percentile; share scoring at least the model's | "
+                     f"{shuffled['ce_micro_f1_mean']:.3f} / {shuffled['ce_micro_f1_p95']:.3f}; "
+                     f"{shuffled['share_at_least_model']:.3f} | {counts['reports']} |")
     lines += _type_table(results) + _confusion_table(results) + _ablation_lines(results) + _timing_lines(results)
     lines += ["", "## Rules", ""] + [f"- **{k}**: {v}" for k, v in results.get("rules", RULES[results["kind"]]).items()]
     return "\n".join(lines) + "\n"

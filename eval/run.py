@@ -342,6 +342,8 @@ def _score_reports(items: list[Item], predictions: dict[str, str], n_boot: int) 
                "counts": {"reports": len(items), "text_references": text_refs}}
     if not text_refs:
         results["baselines"] = _majority_report_baseline(gold, observed)
+        if n_boot:
+            results["baselines"]["shuffled_reports"] = shuffled_reports_control(pred_labels, gold, observed, n_boot)
     return results
 
 
@@ -359,6 +361,23 @@ def _majority_report_baseline(gold: list[dict], observed: list[str]) -> dict:
     block = clinical_efficacy(constant, gold, observed, uncertain_as_positive=False)
     return {"majority_class": list(majority), "majority_share": count / len(gold),
             "ce_micro_f1": block["micro_f1"], "ce_macro_f1": block["macro_f1"]}
+
+
+def shuffled_reports_control(pred_labels: list[dict], gold: list[dict], observed: list[str], n: int = 1000,
+                             seed: int = 0) -> dict:
+    """Do the reports fit their own images? The same reports dealt to the images in random order keep
+    how often each finding is written but lose any link to the image; micro-F1 over `n` such
+    permutations, and the share of them that score at least as well as the reports in order (a
+    one-sided permutation p-value; 1.0 for a model that writes the same report for every image)."""
+    def micro_f1(labels: list[dict]) -> float:
+        return clinical_efficacy(labels, gold, observed, uncertain_as_positive=False)["micro_f1"]
+
+    rng = np.random.default_rng(seed)
+    in_order = micro_f1(pred_labels)
+    shuffled = np.array([micro_f1([pred_labels[i] for i in rng.permutation(len(pred_labels))]) for _ in range(n)])
+    return {"permutations": n, "seed": seed, "ce_micro_f1_mean": float(shuffled.mean()),
+            "ce_micro_f1_p95": float(np.percentile(shuffled, 95)),
+            "share_at_least_model": float((shuffled >= in_order - 1e-12).mean())}
 
 
 # ---- other systems' answers, comparisons, output files -----------------------------------------

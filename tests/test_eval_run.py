@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from eval.run import evaluate, read_predictions, score_predictions
+from eval.run import evaluate, read_predictions, score_predictions, shuffled_reports_control
 from eval.tasks import DataError, load_task
 from vlm.checkpoint import save_checkpoint
 from vlm.cli import main
@@ -277,3 +277,18 @@ def test_nih_findings_scores_reports_against_mapped_labels(tmp_path):
     missed = sum(it.gold_labels[o] == 1 for it in task.items for o in observed if o != "No Finding")
     fp = len(task.items) - normal
     assert base["ce_micro_f1"] == pytest.approx(2 * normal / (2 * normal + fp + missed))
+
+
+def test_shuffled_reports_control_separates_fitting_reports_from_a_constant_one():
+    observed = ["No Finding", "Cardiomegaly", "Pleural Effusion"]
+    gold = [{"No Finding": 1, "Cardiomegaly": 0, "Pleural Effusion": 0},
+            {"No Finding": 0, "Cardiomegaly": 1, "Pleural Effusion": 0},
+            {"No Finding": 0, "Cardiomegaly": 0, "Pleural Effusion": 1}] * 10
+    # Reports that say exactly each image's findings: in order F1 1.0, dealt at random ~1/3.
+    fitting = shuffled_reports_control(gold, gold, observed, n=200)
+    assert fitting["share_at_least_model"] < 0.01
+    assert 0.2 < fitting["ce_micro_f1_mean"] < 0.5 and fitting["ce_micro_f1_p95"] < 1.0
+    # One report for every image: every permutation is the same set of reports, so no evidence of fit.
+    constant = shuffled_reports_control([gold[1]] * len(gold), gold, observed, n=200)
+    assert constant["share_at_least_model"] == 1.0
+    assert constant["ce_micro_f1_mean"] == pytest.approx(1 / 3)
