@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from eval.plots import markdown
 from eval.run import evaluate, read_predictions, score_predictions, shuffled_reports_control
 from eval.tasks import DataError, load_task
 from vlm.checkpoint import save_checkpoint
@@ -256,7 +257,7 @@ def test_nih_findings_scores_reports_against_mapped_labels(tmp_path):
     task = load_task("nih-findings", folder, split="test")
     path = tmp_path / "answers.jsonl"
     path.write_text("".join(json.dumps({"id": it.id, "prediction": "Cardiomegaly."}) + "\n" for it in task.items))
-    r = score_predictions("nih-findings", path, folder, split="test", bootstrap=0)
+    r = score_predictions("nih-findings", path, folder, split="test", bootstrap=20)
     assert "bleu1" not in r["metrics"], "no text references"
     assert len(r["clinical_efficacy"]["ce"]["observations"]) == 11  # NIH annotates 11 of the 14
     # Every report says cardiomegaly and nothing else: over the 5 conditions, TP = the cardiomegaly cases,
@@ -277,6 +278,11 @@ def test_nih_findings_scores_reports_against_mapped_labels(tmp_path):
     missed = sum(it.gold_labels[o] == 1 for it in task.items for o in observed if o != "No Finding")
     fp = len(task.items) - normal
     assert base["ce_micro_f1"] == pytest.approx(2 * normal / (2 * normal + fp + missed))
+    # The same report for every image: shuffling changes nothing, so it is no evidence of reading the image.
+    shuffled = base["shuffled_reports"]
+    assert shuffled["permutations"] == 20 and shuffled["share_at_least_model"] == 1.0
+    assert shuffled["ce_micro_f1_mean"] == pytest.approx(r["metrics"]["ce_micro_f1"])
+    assert "| control: these reports dealt to the images in random order (20 permutations)" in markdown(r)
 
 
 def test_shuffled_reports_control_separates_fitting_reports_from_a_constant_one():
