@@ -183,6 +183,27 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(data, tiny_ll
     assert len(_losses(out)) == 3
 
 
+def test_a_second_run_into_a_busy_folder_is_refused_and_a_stale_lock_taken_over(data, tiny_llm_dir, tmp_path, capsys):
+    from vlm.errors import ConfigError
+
+    out = tmp_path / "run"
+    with saved.run_lock(out):
+        assert (out / saved.LOCK).read_text() == str(os.getpid())
+        with pytest.raises(ConfigError, match="another training run"), saved.run_lock(out):
+            pass
+        # Through the command line: one clear line, and nothing written into the busy folder.
+        config = write_config(tmp_path, tiny_llm_dir, steps=1)
+        assert _train("align", config, data["align"], out) != 0
+        assert "another training run" in capsys.readouterr().err
+        assert not (out / "metrics.csv").exists()
+    assert not (out / saved.LOCK).exists()
+    # A lock whose process is gone (a child that has exited) is stale: the next run takes it over.
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / saved.LOCK).write_text(child.stdout.strip())
+    with saved.run_lock(out):
+        assert (out / saved.LOCK).read_text() == str(os.getpid())
+
+
 def test_lr_schedule_warms_up_then_decays():
     cfg = TrainConfig(steps=10, warmup_steps=2, min_lr_ratio=0.1)
     factors = [lr_factor(s, cfg) for s in range(10)]

@@ -8,6 +8,7 @@ each process takes its own slice of every global batch; the single-process path 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -132,6 +133,11 @@ def train(stage: Stage, cfg: TrainConfig, resume: bool = True) -> Path:
     cfg.validate()
     rank, world, device = _distributed_setup(cfg.device)
     out = Path(cfg.out)
+    with saved.run_lock(out) if rank == 0 else contextlib.nullcontext():
+        return _train(stage, cfg, resume, rank, world, device, out)
+
+
+def _train(stage: Stage, cfg: TrainConfig, resume: bool, rank: int, world: int, device, out: Path) -> Path:
     torch.manual_seed(cfg.seed)
     model = stage.build_model().to(device)
     train_set, val_set = stage.datasets()

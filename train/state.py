@@ -13,17 +13,63 @@ mid-write (even by SIGKILL) leaves the previous checkpoint intact and loadable.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlm.errors import CheckpointError
+from vlm.errors import CheckpointError, ConfigError
 from vlm.fileio import atomic_folder
 
 PREFIX = "step-"
+LOCK = "run.lock"
+
+
+@contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """One training process per run folder. Two runs writing one OUT would interleave their rows in
+    metrics.csv and their checkpoints; OUT/run.lock holds the writer's pid. A lock left by a process
+    that is gone (killed, even by SIGKILL) is taken over, so resuming after a crash still works."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            owner = _lock_owner(path)
+            if owner is not None and _alive(owner):
+                raise ConfigError(f"{out} is being written by another training run (pid {owner}); "
+                                  "stop it or give another --out.") from None
+            path.unlink(missing_ok=True)  # stale: its process is gone
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _lock_owner(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None  # unreadable or half-written: treated as stale
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
 
 
 def checkpoints_dir(out: Path) -> Path:
