@@ -91,14 +91,25 @@ def test_instruct_data_command_writes_both_parts_and_their_union(tmp_path, capsy
     from vlm.cli import main
 
     assert main(["train", "instruct-data", "--nih", str(NIH), "--vqa-rad", str(NIH.parent / "vqa_rad"),
-                 "--out", str(tmp_path), "--vqa-rad-repeats", "2", "--grounding-repeats", "1"]) == 0
+                 "--out", str(tmp_path), "--vqa-rad-repeats", "2", "--grounding-repeats", "1",
+                 "--nih-repeats", "2"]) == 0
     for split, repeats in (("train", 2), ("val", 1)):
         union = json.loads((tmp_path / f"{split}.json").read_text())
         vqa, nih = [json.loads((tmp_path / f"{p}_{split}.json").read_text()) for p in ("vqa_rad", "nih_reports")]
-        assert vqa and nih and union[len(union) - len(nih):] == nih
+        reports = union[len(union) - repeats * len(nih):]
+        assert vqa and nih and reports[:len(nih)] == nih
+        reworded = reports[len(nih):]
+        # a report copy keeps its image, prompt and findings but draws its sentences afresh
+        assert [(c["image"], c["conversations"][0]) for c in reworded] == [
+            (c["image"], c["conversations"][0]) for c in nih] * (repeats - 1)
+        assert [label_report(c["conversations"][1]["value"]) for c in reworded] == [
+            label_report(c["conversations"][1]["value"]) for c in nih] * (repeats - 1)
+        if reworded:
+            changed = sum(a["conversations"][1] != b["conversations"][1] for a, b in zip(reworded, nih))
+            assert changed > len(nih) // 2
         grounding = [c for c in union if "-grounding" in c["id"]]
         assert len(grounding) == (233 if split == "train" else 0)  # every train image has an organ
-        copies = [c for c in union[:len(union) - len(nih)] if c not in grounding]
+        copies = [c for c in union[:len(union) - len(reports)] if c not in grounding]
         assert len(copies) == repeats * len(vqa)
         assert [{k: v for k, v in c.items() if k != "id"} for c in copies] == [
             {k: v for k, v in c.items() if k != "id"} for c in vqa] * repeats
@@ -106,8 +117,10 @@ def test_instruct_data_command_writes_both_parts_and_their_union(tmp_path, capsy
     # image-disjoint: no VQA-RAD image is in both the train and the val conversations
     images = [{r["image"] for r in json.loads((tmp_path / f"vqa_rad_{s}.json").read_text())} for s in ("train", "val")]
     assert not images[0] & images[1]
-    assert "train: 475 VQA-RAD (x2) + 233 grounding + 467 NIH" in capsys.readouterr().out
+    assert "train: 475 VQA-RAD (x2) + 233 grounding + 467 NIH report (x2)" in capsys.readouterr().out
     assert main(["train", "instruct-data", "--nih", str(NIH), "--vqa-rad", str(NIH.parent / "vqa_rad"),
                  "--out", str(tmp_path), "--vqa-rad-repeats", "0"]) != 0
     assert main(["train", "instruct-data", "--nih", str(NIH), "--vqa-rad", str(NIH.parent / "vqa_rad"),
                  "--out", str(tmp_path), "--grounding-repeats", "-1"]) != 0
+    assert main(["train", "instruct-data", "--nih", str(NIH), "--vqa-rad", str(NIH.parent / "vqa_rad"),
+                 "--out", str(tmp_path), "--nih-repeats", "0"]) != 0

@@ -72,6 +72,10 @@ def add_commands(sub) -> None:
     both.add_argument("--vqa-rad-repeats", type=int, default=1,
                       help="copies of each VQA-RAD train conversation in train.json (default 1): weights the mix "
                            "toward question answering without more steps; val is never repeated")
+    both.add_argument("--nih-repeats", type=int, default=1,
+                      help="report conversations per NIH train image (default 1); each copy draws its sentences "
+                           "afresh (another seed), so the mix leans toward report drafting with varied wording of "
+                           "the same findings; val is never repeated")
     both.add_argument("--grounding-repeats", type=int, default=0,
                       help="image-grounding conversations per VQA-RAD train image (default 0): balanced yes/no and "
                            "either-or questions on its modality, organ and plane (train/grounding.py); train only")
@@ -96,6 +100,8 @@ def run_instruct_data(args) -> int:
 
     if args.vqa_rad_repeats < 1:
         raise ConfigError(f"--vqa-rad-repeats must be at least 1, got {args.vqa_rad_repeats}.")
+    if args.nih_repeats < 1:
+        raise ConfigError(f"--nih-repeats must be at least 1, got {args.nih_repeats}.")
     if args.grounding_repeats < 0:
         raise ConfigError(f"--grounding-repeats must be 0 or more, got {args.grounding_repeats}.")
     out, trainset = Path(args.out), Path(args.vqa_rad) / "trainset.json"
@@ -108,9 +114,13 @@ def run_instruct_data(args) -> int:
         weighted = [dict(c, id=f"{c['id']}-copy{k}") if k else c for k in range(repeats) for c in vqa]
         grounding = grounding_conversations(trainset, buckets=(split,), repeats=args.grounding_repeats) \
             if split == "train" else []
-        write_json_list(out / f"{split}.json", weighted + grounding + nih)
+        nih_repeats = args.nih_repeats if split == "train" else 1
+        reworded = [dict(c, id=f"{c['id']}-copy{k}")
+                    for k in range(1, nih_repeats) for c in nih_report_conversations(Path(args.nih) / "labels.csv",
+                                                                                     split, seed=k)]
+        write_json_list(out / f"{split}.json", weighted + grounding + nih + reworded)
         print(f"{split}: {len(vqa)} VQA-RAD (x{repeats}) + {len(grounding)} grounding + {len(nih)} NIH report "
-              f"conversations -> {out / f'{split}.json'}")
+              f"(x{nih_repeats}) conversations -> {out / f'{split}.json'}")
     return 0
 
 
