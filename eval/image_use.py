@@ -28,7 +28,8 @@ from PIL import Image
 
 from eval.labeler import OBSERVATIONS, clinical_efficacy, nih_to_chexpert
 from train.captions import organs_and_modality_votes, top_vote
-from train.clip import _label_rows, auroc
+from train.clip import auroc
+from train.nih_labels import label_rows
 from train.data import load_conversations
 from train.vlm_stage import collate_conversations
 from vlm.checkpoint import load_checkpoint
@@ -114,7 +115,7 @@ def logistic_regression(x: torch.Tensor, y: torch.Tensor, l2: float = 0.02, step
 def nih_probe(model, nih: str | Path, threshold: float = 0.5, min_positives: int = 5) -> dict:
     """Per-observation logistic probes on the tower's pooled tokens (NIH train), scored on val and
     test as reports are scored (eval.labeler.clinical_efficacy), beside the "No Finding" baseline."""
-    splits = {s: _label_rows(Path(nih) / "labels.csv", s) for s in ("train", "val", "test")}
+    splits = {s: label_rows(Path(nih) / "labels.csv", s) for s in ("train", "val", "test")}
     gold = {s: [nih_to_chexpert(findings) for _, findings in rows] for s, rows in splits.items()}
     features = {s: pooled_features(model, [image for image, _ in rows]) for s, rows in splits.items()}
     mean, std = features["train"].mean(0), features["train"].std(0) + 1e-6

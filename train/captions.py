@@ -10,7 +10,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from train.clip import _label_rows, _words
+from train.nih_labels import finding_words, label_rows
 
 ORGANS = {"HEAD": "head", "CHEST": "chest", "ABD": "abdomen"}
 MODALITY_WORDS = [  # (regex over a lowercased question or answer, modality); MRI first: "mr flair"
@@ -23,10 +23,10 @@ def write_label_captions(labels_csv: str | Path, split: str, out_jsonl: str | Pa
                          template: str = "a chest x-ray showing {finding}.",
                          normal: str = "a normal chest x-ray with no finding.") -> int:
     """NIH ChestX-ray14 labels of one split -> caption pairs; returns how many were written."""
-    rows = _label_rows(Path(labels_csv), split)
+    rows = label_rows(Path(labels_csv), split)
     lines = []
     for image, findings in rows:
-        names = [_words(f) for f in sorted(findings)]
+        names = [finding_words(f) for f in sorted(findings)]
         joined = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else "".join(names)
         text = template.format(finding=joined) if names else normal
         lines.append(json.dumps({"image": str(image.resolve()), "text": text}))

@@ -9,7 +9,6 @@ an open_clip `local-dir:` folder plus `vision.safetensors` + `vision_arch.json`,
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from dataclasses import dataclass, field, replace
@@ -24,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from train.data import PairRecord, load_pairs
+from train.nih_labels import finding_words, label_rows
 from train.stage import StepStats
 from vlm.config import VisionConfig
 from vlm.errors import CheckpointError, ConfigError, InputError
@@ -32,7 +32,6 @@ from vlm.sources import resolve
 DEFAULT_ARCH = {"embed_dim": 256,
                 "vision_cfg": {"image_size": 224, "layers": 4, "width": 256, "head_width": 64, "patch_size": 16}}
 MAX_LOGIT_SCALE = math.log(100)  # open_clip's clamp: a temperature below 1/100 destabilizes training
-NO_FINDING = "No Finding"
 
 
 @dataclass(frozen=True)
@@ -252,7 +251,7 @@ class ClipStage:
         it removes a per-image offset (how alike the image is to any chest x-ray caption)."""
         out = {}
         for split in (s.strip() for s in self.cfg.zero_shot_split.split(",") if s.strip()):
-            rows = _label_rows(Path(self.cfg.zero_shot_labels), split)
+            rows = label_rows(Path(self.cfg.zero_shot_labels), split)
             scores, labels = self._zero_shot_scores(model, rows)
             split_out = {f"auroc/{split}/{label}": auroc(scores[:, j], [label in f for _, f in rows])
                          for j, label in enumerate(labels)}
@@ -264,7 +263,7 @@ class ClipStage:
     def _zero_shot_scores(self, model: nn.Module, rows) -> tuple[np.ndarray, list[str]]:
         labels = sorted({f for _, findings in rows for f in findings})
         device = model.logit_scale.device
-        prompts = [self.cfg.zero_shot_template.format(finding=_words(f)) for f in labels]
+        prompts = [self.cfg.zero_shot_template.format(finding=finding_words(f)) for f in labels]
         text_f = model.encode_text(self.tokenizer(prompts + [self.cfg.zero_shot_normal]).to(device), normalize=True)
         sims = []
         for start in range(0, len(rows), self.cfg.eval_batch_size):
@@ -332,27 +331,6 @@ def auroc(scores, labels) -> float:
 
 
 # -- helpers -------------------------------------------------------------------------------------
-def _label_rows(path: Path, split: str) -> list[tuple[Path, frozenset[str]]]:
-    try:
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-    except OSError as e:
-        raise InputError(f"cannot read labels {path}: {e.strerror}") from e
-    if rows and not {"image", "findings", "split"} <= set(rows[0]):
-        raise InputError(f"{path}: needs columns image, findings, split.")
-    out = [(_beside(path, r["image"]), frozenset(f for f in r["findings"].split("|") if f and f != NO_FINDING))
-           for r in rows if r["split"] == split]
-    if not out:
-        raise InputError(f"{path}: no rows in split {split!r}.")
-    return out
-
-
-def _beside(csv_path: Path, name: str) -> Path:
-    """An image named in a labels CSV: relative to the CSV, else in images/ beside it (the NIH layout)."""
-    direct = csv_path.parent / name
-    return direct if direct.exists() else csv_path.parent / "images" / name
-
-
 def _open(image: Path, record: PairRecord | None = None):
     from vlm.imaging import load_image
 
@@ -396,7 +374,3 @@ def _settle(model: nn.Module) -> None:
     for tower in (model.visual, model.text.transformer):
         if not any(p.requires_grad for p in tower.parameters()):
             tower.eval()
-
-
-def _words(label: str) -> str:
-    return label.replace("_", " ").lower()

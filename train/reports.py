@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 from train.captions import keyed_rng
-from train.clip import _label_rows
+from train.nih_labels import label_rows
 
 TEMPLATES = "templates/nih_findings.yaml"
 
@@ -43,7 +43,7 @@ def nih_report_conversations(labels_csv: str | Path, split: str, seed: int = 0) 
     from vlm.prompts import REPORT_PROMPT
 
     records = []
-    for image, findings in _label_rows(Path(labels_csv), split):
+    for image, findings in label_rows(Path(labels_csv), split):
         paragraph = findings_paragraph(findings, keyed_rng(f"{seed}:{image.name}"))
         records.append({"id": f"nih-{image.stem}", "image": str(image.resolve()),
                         "conversations": [{"from": "human", "value": REPORT_PROMPT},
