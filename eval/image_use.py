@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from eval.labeler import OBSERVATIONS, clinical_efficacy, nih_to_chexpert
+from eval.run import majority_report_baseline
 from train.captions import organs_and_modality_votes, top_vote
 from train.clip import auroc
 from train.nih_labels import label_rows
@@ -114,7 +115,8 @@ def logistic_regression(x: torch.Tensor, y: torch.Tensor, l2: float = 0.02, step
 
 def nih_probe(model, nih: str | Path, threshold: float = 0.5, min_positives: int = 5) -> dict:
     """Per-observation logistic probes on the tower's pooled tokens (NIH train), scored on val and
-    test as reports are scored (eval.labeler.clinical_efficacy), beside the "No Finding" baseline."""
+    test as reports are scored (eval.labeler.clinical_efficacy), beside the harness's majority-class
+    baseline (for NIH, every report "No Finding")."""
     splits = {s: label_rows(Path(nih) / "labels.csv", s) for s in ("train", "val", "test")}
     gold = {s: [nih_to_chexpert(findings) for _, findings in rows] for s, rows in splits.items()}
     features = {s: pooled_features(model, [image for image, _ in rows]) for s, rows in splits.items()}
@@ -137,11 +139,11 @@ def nih_probe(model, nih: str | Path, threshold: float = 0.5, min_positives: int
         for i in range(len(gold[s])):
             present = {o for o, p in probabilities[s].items() if p[i] > threshold}
             predicted.append({o: int(o in present) for o in observed} | {"No Finding": int(not present)})
-        everyone_normal = [{o: int(o == "No Finding") for o in scored}] * len(gold[s])
+        baseline = majority_report_baseline(gold[s], scored)  # the floor `medvlm eval` puts beside reports
         report[s] = {"images": len(gold[s]), "with_a_finding": sum(p["No Finding"] == 0 for p in predicted),
                      "probe_micro_f1": clinical_efficacy(predicted, gold[s], scored, uncertain_as_positive=False)["micro_f1"],
-                     "no_finding_baseline_micro_f1": clinical_efficacy(everyone_normal, gold[s], scored,
-                                                                       uncertain_as_positive=False)["micro_f1"]}
+                     "majority_baseline": baseline["majority_class"],
+                     "majority_baseline_micro_f1": baseline["ce_micro_f1"]}
     return report
 
 

@@ -341,13 +341,13 @@ def _score_reports(items: list[Item], predictions: dict[str, str], n_boot: int) 
     results = {"metrics": metrics, "ci95": ci, "clinical_efficacy": efficacy,
                "counts": {"reports": len(items), "text_references": text_refs}}
     if not text_refs:
-        results["baselines"] = _majority_report_baseline(gold, observed)
+        results["baselines"] = majority_report_baseline(gold, observed)
         if n_boot:
             results["baselines"]["shuffled_reports"] = shuffled_reports_control(pred_labels, gold, observed, n_boot)
     return results
 
 
-def _majority_report_baseline(gold: list[dict], observed: list[str]) -> dict:
+def majority_report_baseline(gold: list[dict], observed: list[str]) -> dict:
     """The floor to beat: every image given the most frequent gold label set of the evaluated split
     (for NIH, "No Finding"), scored by the same clinical-efficacy code. Taking the majority from the
     evaluated split itself can only make this baseline stronger than a training-split majority."""
