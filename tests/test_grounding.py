@@ -9,7 +9,7 @@ from collections import Counter
 
 from eval.metrics import closed_options, closed_strict
 from eval.tasks import vqa_rad_image_bucket
-from train.grounding import MODALITIES, ORGANS, PLANES, grounding_conversations, grounding_turns, image_attributes, \
+from train.grounding import MODALITIES, OPEN, ORGANS, PLANES, grounding_conversations, grounding_turns, image_attributes, \
     plane_votes
 
 
@@ -62,6 +62,17 @@ def test_every_answer_is_right_by_the_evaluation_rules_and_half_the_yes_no_answe
                 assert answer in truth.values() and len(options) == 2, question
             assert closed_strict(answer, answer, options)
     assert 0.4 < answers["yes"] / sum(answers.values()) < 0.6
+
+
+def test_open_questions_add_one_turn_per_attribute_answered_by_its_value():
+    truth = {"modality": "CT", "organ": "abdomen", "plane": "axial"}
+    for seed in range(50):
+        closed = grounding_turns(truth, random.Random(seed))
+        turns = grounding_turns(truth, random.Random(seed), open_questions=True)
+        open_turns = [(q, a) for q, a in turns if not closed_options(q) and a not in ("yes", "no")]
+        assert len(turns) == len(closed) + 3 and len(open_turns) == 3
+        assert {a for _, a in open_turns} == set(truth.values())
+        assert all(q in OPEN[key] for (q, a) in open_turns for key, value in truth.items() if a == value)
 
 
 def test_false_values_come_from_the_attributes_own_choices():

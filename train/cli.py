@@ -79,6 +79,9 @@ def add_commands(sub) -> None:
     both.add_argument("--grounding-repeats", type=int, default=0,
                       help="image-grounding conversations per VQA-RAD train image (default 0): balanced yes/no and "
                            "either-or questions on its modality, organ and plane (train/grounding.py); train only")
+    both.add_argument("--grounding-open", action="store_true",
+                      help="add an open question per attribute to each grounding conversation (\"What imaging "
+                           "modality is this?\" -> CT); off by default, as in the shipped model's recipe")
     both.set_defaults(run=run_instruct_data)
 
 
@@ -112,7 +115,8 @@ def run_instruct_data(args) -> int:
         write_json_list(out / f"nih_reports_{split}.json", nih)
         repeats = args.vqa_rad_repeats if split == "train" else 1
         weighted = [dict(c, id=f"{c['id']}-copy{k}") if k else c for k in range(repeats) for c in vqa]
-        grounding = grounding_conversations(trainset, buckets=(split,), repeats=args.grounding_repeats) \
+        grounding = grounding_conversations(trainset, buckets=(split,), repeats=args.grounding_repeats,
+                                            open_questions=args.grounding_open) \
             if split == "train" else []
         nih_repeats = args.nih_repeats if split == "train" else 1
         reworded = [dict(c, id=f"{c['id']}-copy{k}")

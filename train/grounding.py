@@ -35,6 +35,16 @@ YES_NO = {
 }
 CHOICES = {"modality": list(MODALITIES), "organ": list(ORGANS), "plane": list(PLANES)}
 EITHER_OR = {"modality": "Is this {a} or {b}?", "plane": "Is this {a} or {b} image?"}
+# Open questions name the attribute in the answer. VQA-RAD's train bucket has only a handful of open
+# modality questions, and the mixed instruct run of MODEL_CARD.md ("Tried and not shipped") answered
+# the held-out CT's "What imaging modality is this?" with "X-ray" while it said "CT" to three other
+# phrasings. Off by default: the shipped model was trained without them.
+OPEN = {
+    "modality": ["What imaging modality is this?", "What imaging modality was used?", "What kind of image is this?",
+                 "How was this image taken?"],
+    "organ": ["What part of the body is this?", "Which organ system is shown?", "What is being imaged?"],
+    "plane": ["In what plane is this image?", "What plane is this image in?", "Which plane is shown?"],
+}
 
 
 def plane_votes(qas: list[dict]) -> dict[str, Counter]:
@@ -69,11 +79,15 @@ def image_attributes(qas: list[dict]) -> dict[str, dict[str, str]]:
     return attributes
 
 
-def grounding_turns(attributes: dict[str, str], rng: random.Random) -> list[tuple[str, str]]:
+def grounding_turns(attributes: dict[str, str], rng: random.Random, open_questions: bool = False
+                    ) -> list[tuple[str, str]]:
     """(question, answer) pairs for one image, in a random order: a yes/no question per attribute,
-    true or false with even odds, and an either-or question when the image has a modality or plane."""
+    true or false with even odds, an either-or question when the image has a modality or plane, and
+    with `open_questions` an open question per attribute answered by its value."""
     turns = []
     for key, truth in attributes.items():
+        if open_questions:
+            turns.append((rng.choice(OPEN[key]), truth))
         asked = truth if rng.random() < 0.5 else rng.choice([v for v in CHOICES[key] if v != truth])
         turns.append((rng.choice(YES_NO[key]).format(a=_with_article(key, asked), name=_word(key, asked, rng)),
                       "yes" if asked == truth else "no"))
@@ -86,7 +100,7 @@ def grounding_turns(attributes: dict[str, str], rng: random.Random) -> list[tupl
 
 
 def grounding_conversations(trainset_json: str | Path, buckets: tuple[str, ...] = ("train",), repeats: int = 1,
-                            seed: int = 0) -> list[dict]:
+                            seed: int = 0, open_questions: bool = False) -> list[dict]:
     """`repeats` grounding conversations per VQA-RAD image of `buckets` that has any attribute, as
     LLaVA records; each repeat draws its questions anew, from a seeded RNG keyed by image and repeat."""
     from eval.tasks import vqa_rad_image_bucket
@@ -97,7 +111,8 @@ def grounding_conversations(trainset_json: str | Path, buckets: tuple[str, ...] 
         if not attributes or vqa_rad_image_bucket(name) not in buckets:
             continue
         for copy in range(repeats):
-            turns = question_answer_turns(grounding_turns(attributes, keyed_rng(f"{seed}:{name}:{copy}")))
+            rng = keyed_rng(f"{seed}:{name}:{copy}")
+            turns = question_answer_turns(grounding_turns(attributes, rng, open_questions))
             records.append({"id": f"{name}-grounding{copy}", "image": str((path.parent / "images" / name).resolve()),
                             "conversations": turns})
     return records
