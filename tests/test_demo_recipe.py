@@ -124,3 +124,5 @@ def test_instruct_data_command_writes_both_parts_and_their_union(tmp_path, capsy
                  "--out", str(tmp_path), "--grounding-repeats", "-1"]) != 0
     assert main(["train", "instruct-data", "--nih", str(NIH), "--vqa-rad", str(NIH.parent / "vqa_rad"),
                  "--out", str(tmp_path), "--nih-repeats", "0"]) != 0
+    assert main(["train", "instruct-data", "--nih", str(NIH), "--vqa-rad", str(NIH.parent / "vqa_rad"),
+                 "--out", str(tmp_path), "--bare-question-share", "1.5"]) != 0

@@ -100,3 +100,28 @@ def test_conversations_use_only_the_buckets_asked_for_and_are_reproducible(tmp_p
     first = {r["id"]: r["conversations"] for r in records}
     assert any(first[f"{n}-grounding0"] != first[f"{n}-grounding1"] for n in train), "repeats draw anew"
     assert grounding_conversations(tmp_path / "trainset.json", buckets=("val",))[0]["id"] == f"{val[0]}-grounding0"
+
+
+def test_drop_brief_suffix_strips_about_the_share_asked_and_nothing_else():
+    from train.captions import drop_brief_suffix, question_answer_turns
+
+    pairs = [(f"Is there a mass {k}?", "yes" if k % 2 else "no") for k in range(6)]
+    records = [{"id": f"img{i}-copy{c}" if c else f"img{i}", "image": "x.png", "conversations": question_answer_turns(pairs)}
+               for i in range(100) for c in range(2)]
+    assert drop_brief_suffix(records, 0.0) == records
+    half = drop_brief_suffix(records, 0.5)
+    bare = [t["value"] for r in half for t in r["conversations"] if t["from"] == "human"
+            and not t["value"].endswith("\nAnswer briefly.")]
+    assert 0.4 < len(bare) / (len(records) * 6) < 0.6
+    for new, old in zip(half, records):
+        assert [t["value"] for t in new["conversations"] if t["from"] == "gpt"] == \
+            [t["value"] for t in old["conversations"] if t["from"] == "gpt"]
+        assert new["conversations"][0]["value"].startswith("<image>\n") and "<image>" not in "".join(
+            t["value"] for t in new["conversations"][1:])
+        assert all(t["value"].split("\n")[-1].startswith("Is there a mass") or t["value"].endswith("Answer briefly.")
+                   for t in new["conversations"] if t["from"] == "human")
+    assert half[0]["conversations"] != half[1]["conversations"], "a repeated copy draws its own turns"
+    assert half == drop_brief_suffix(records, 0.5)
+    assert not any(t["value"].endswith("Answer briefly.") for r in drop_brief_suffix(records, 1.0)
+                   for t in r["conversations"])
+    assert records[0]["conversations"][0]["value"].endswith("Answer briefly."), "the input is not changed"

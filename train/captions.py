@@ -139,6 +139,25 @@ def question_answer_turns(pairs: list[tuple[str, str]]) -> list[dict]:
     return turns
 
 
+def drop_brief_suffix(records: list[dict], share: float, seed: int = 0) -> list[dict]:
+    """Copies of question-answer conversations where a `share` of the questions lose the "Answer
+    briefly." that question_answer_turns appends (drawn per turn from an RNG keyed by the record id,
+    so repeated copies, which have distinct ids, differ). `medvlm chat` sends a question as typed; a
+    model that only ever saw the suffix answered the chat example wrong and the same question with
+    the suffix right (MODEL_CARD.md, the mixed instruct run)."""
+    from vlm.prompts import VQA_FOLLOWUP
+
+    suffix = VQA_FOLLOWUP.format(question="")
+    out = []
+    for record in records:
+        rng = keyed_rng(f"{seed}:{record['id']}")
+        turns = [dict(t, value=t["value"][:-len(suffix)])
+                 if t["from"] == "human" and t["value"].endswith(suffix) and rng.random() < share else t
+                 for t in record["conversations"]]
+        out.append(dict(record, conversations=turns))
+    return out
+
+
 def keyed_rng(key: str) -> random.Random:
     """A random generator seeded by the SHA-1 of `key` (not Python's hash(), which changes between
     processes), so generated training text depends only on the key (e.g. seed and image name)."""

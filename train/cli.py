@@ -82,6 +82,9 @@ def add_commands(sub) -> None:
     both.add_argument("--grounding-open", action="store_true",
                       help="add an open question per attribute to each grounding conversation (\"What imaging "
                            "modality is this?\" -> CT); off by default, as in the shipped model's recipe")
+    both.add_argument("--bare-question-share", type=float, default=0.0,
+                      help="share of the train VQA-RAD and grounding questions written without the \"Answer "
+                           "briefly.\" suffix, as chat users type them (default 0, as for the shipped model)")
     both.set_defaults(run=run_instruct_data)
 
 
@@ -97,7 +100,7 @@ def run_vqa_rad_data(args) -> int:
 
 def run_instruct_data(args) -> int:
     """VQA-RAD train/val buckets and NIH train/val splits, each written alone and combined."""
-    from train.captions import vqa_rad_conversations, write_json_list
+    from train.captions import drop_brief_suffix, vqa_rad_conversations, write_json_list
     from train.grounding import grounding_conversations
     from train.reports import nih_report_conversations
 
@@ -105,6 +108,8 @@ def run_instruct_data(args) -> int:
         raise ConfigError(f"--vqa-rad-repeats must be at least 1, got {args.vqa_rad_repeats}.")
     if args.nih_repeats < 1:
         raise ConfigError(f"--nih-repeats must be at least 1, got {args.nih_repeats}.")
+    if not 0.0 <= args.bare_question_share <= 1.0:
+        raise ConfigError(f"--bare-question-share must be between 0 and 1, got {args.bare_question_share}.")
     if args.grounding_repeats < 0:
         raise ConfigError(f"--grounding-repeats must be 0 or more, got {args.grounding_repeats}.")
     out, trainset = Path(args.out), Path(args.vqa_rad) / "trainset.json"
@@ -122,7 +127,10 @@ def run_instruct_data(args) -> int:
         reworded = [dict(c, id=f"{c['id']}-copy{k}")
                     for k in range(1, nih_repeats) for c in nih_report_conversations(Path(args.nih) / "labels.csv",
                                                                                      split, seed=k)]
-        write_json_list(out / f"{split}.json", weighted + grounding + nih + reworded)
+        questions = weighted + grounding
+        if split == "train" and args.bare_question_share:
+            questions = drop_brief_suffix(questions, args.bare_question_share)
+        write_json_list(out / f"{split}.json", questions + nih + reworded)
         print(f"{split}: {len(vqa)} VQA-RAD (x{repeats}) + {len(grounding)} grounding + {len(nih)} NIH report "
               f"(x{nih_repeats}) conversations -> {out / f'{split}.json'}")
     return 0
