@@ -30,8 +30,8 @@ from eval.labeler import OBSERVATIONS, clinical_efficacy, nih_to_chexpert
 from eval.run import majority_report_baseline
 from train.captions import organs_and_modality_votes, top_vote
 from train.clip import auroc
-from train.nih_labels import label_rows
 from train.data import load_conversations
+from train.nih_labels import label_rows
 from train.vlm_stage import collate_conversations
 from vlm.checkpoint import load_checkpoint
 from vlm.imaging import load_image
