@@ -112,28 +112,33 @@ def run_instruct_data(args) -> int:
         raise ConfigError(f"--bare-question-share must be between 0 and 1, got {args.bare_question_share}.")
     if args.grounding_repeats < 0:
         raise ConfigError(f"--grounding-repeats must be 0 or more, got {args.grounding_repeats}.")
-    out, trainset = Path(args.out), Path(args.vqa_rad) / "trainset.json"
+    out, trainset, labels = Path(args.out), Path(args.vqa_rad) / "trainset.json", Path(args.nih) / "labels.csv"
     for split in ("train", "val"):
         vqa = vqa_rad_conversations(trainset, buckets=(split,))
-        nih = nih_report_conversations(Path(args.nih) / "labels.csv", split)
+        nih = nih_report_conversations(labels, split)
         write_json_list(out / f"vqa_rad_{split}.json", vqa)
         write_json_list(out / f"nih_reports_{split}.json", nih)
         repeats = args.vqa_rad_repeats if split == "train" else 1
-        weighted = [dict(c, id=f"{c['id']}-copy{k}") if k else c for k in range(repeats) for c in vqa]
+        nih_repeats = args.nih_repeats if split == "train" else 1
         grounding = grounding_conversations(trainset, buckets=(split,), repeats=args.grounding_repeats,
                                             open_questions=args.grounding_open) \
             if split == "train" else []
-        nih_repeats = args.nih_repeats if split == "train" else 1
-        reworded = [dict(c, id=f"{c['id']}-copy{k}")
-                    for k in range(1, nih_repeats) for c in nih_report_conversations(Path(args.nih) / "labels.csv",
-                                                                                     split, seed=k)]
-        questions = weighted + grounding
+        questions = _numbered_copies([vqa] * repeats) + grounding
         if split == "train" and args.bare_question_share:
             questions = drop_brief_suffix(questions, args.bare_question_share)
-        write_json_list(out / f"{split}.json", questions + nih + reworded)
+        # report copy k draws its sentences with seed k: the same findings, worded afresh
+        reports = _numbered_copies([nih] + [nih_report_conversations(labels, split, seed=k)
+                                            for k in range(1, nih_repeats)])
+        write_json_list(out / f"{split}.json", questions + reports)
         print(f"{split}: {len(vqa)} VQA-RAD (x{repeats}) + {len(grounding)} grounding + {len(nih)} NIH report "
               f"(x{nih_repeats}) conversations -> {out / f'{split}.json'}")
     return 0
+
+
+def _numbered_copies(versions: list[list[dict]]) -> list[dict]:
+    """The records of each version in turn; the first keeps its ids, version k's get "-copyk", so every
+    id in the mix stays distinct (and keys the RNG of drop_brief_suffix)."""
+    return [dict(c, id=f"{c['id']}-copy{k}") if k else c for k, version in enumerate(versions) for c in version]
 
 
 def run_clip_data(args) -> int:
