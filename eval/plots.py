@@ -116,16 +116,29 @@ def markdown(results: dict) -> str:
                      f"permutations), ce_micro_f1 mean / 95th percentile; share scoring at least the model's | "
                      f"{shuffled['ce_micro_f1_mean']:.3f} / {shuffled['ce_micro_f1_p95']:.3f}; "
                      f"{shuffled['share_at_least_model']:.3f} | {counts['reports']} |")
-    lines += _type_table(results) + _confusion_table(results) + _ablation_lines(results) + _timing_lines(results)
+    lines += _breakdown_tables(results) + _confusion_table(results) + _ablation_lines(results) + _timing_lines(results)
     lines += ["", "## Rules", ""] + [f"- **{k}**: {v}" for k, v in results.get("rules", RULES[results["kind"]]).items()]
     return "\n".join(lines) + "\n"
 
 
-def _type_table(results: dict) -> list[str]:
-    types = results.get("by_question_type")
+# What the image buckets of VQA-RAD mean (eval/tasks.py); the standard test split mixes all three.
+_IMAGE_GROUP_NOTE = ("Image bucket (VQA-RAD, by a hash of the image name): `train` images are the ones `medvlm train "
+                     "instruct-data` trains on, `val` images select models, `heldout` images are never trained on "
+                     "(the test-disjoint split). On the standard test split every image also has training "
+                     "questions, so `train` rows measure questions about images a recipe model has seen.")
+
+
+def _breakdown_tables(results: dict) -> list[str]:
+    lines = _group_table(results.get("by_question_type"), "By question type", "type")
+    if results.get("by_image_group"):
+        lines += _group_table(results["by_image_group"], "By image bucket", "bucket") + ["", _IMAGE_GROUP_NOTE]
+    return lines
+
+
+def _group_table(types: dict | None, title: str, label: str) -> list[str]:
     if not types:
         return []
-    lines = ["", "## By question type", "", "| type | closed n | strict [95% CI] | lenient | open n | recall [95% CI] "
+    lines = ["", f"## {title}", "", f"| {label} | closed n | strict [95% CI] | lenient | open n | recall [95% CI] "
              "| exact |", "|---|---|---|---|---|---|---|"]
     closed, opened = types.get("closed", {}), types.get("open", {})
     for q in sorted(set(closed) | set(opened)):

@@ -256,11 +256,13 @@ def _score_vqa(items: list[Item], predictions: dict[str, str], n_boot: int, blan
         "ci95": {key: _ci(v, n_boot) for key, v in values.items()},
         "counts": {"questions": len(items), "closed": len(closed), "open": len(opened), "closed_yes_no": len(yes_no),
                    "closed_other": len(closed) - len(yes_no)},
-        "by_question_type": _by_type(items, scores, n_boot),
+        "by_question_type": _by_group(items, scores, n_boot, key=lambda it: it.question_type),
         "yes_no_confusion": _confusion([items[i] for i in yes_no], [preds[i] for i in yes_no]),
         # What answering the same word to every closed question scores: the floor to beat.
         "baselines": {f"closed_strict_always_{w}": gold.count(w) / len(gold) if gold else None for w in ("yes", "no")},
     }
+    if len({it.image_group for it in items} - {""}) > 1:  # a split that mixes buckets (VQA-RAD test)
+        results["by_image_group"] = _by_group(items, scores, n_boot, key=lambda it: it.image_group)
     if blank is not None:
         ab = results["ablation"] = _ablation(items, preds, scores, blank, closed, opened, n_boot)
         results["metrics"].update(blank_closed_strict=ab["closed_strict_blank"],
@@ -269,12 +271,12 @@ def _score_vqa(items: list[Item], predictions: dict[str, str], n_boot: int, blan
     return results
 
 
-def _by_type(items: list[Item], scores: list[dict], n_boot: int) -> dict:
-    """Per answer type and question type: n, mean of every score, and a CI of the main one
-    (strict accuracy for closed questions, token recall for open ones)."""
+def _by_group(items: list[Item], scores: list[dict], n_boot: int, key) -> dict:
+    """Per answer type and group (`key(item)`: question type, image bucket): n, mean of every score,
+    and a CI of the main one (strict accuracy for closed questions, token recall for open ones)."""
     groups: dict[str, dict[str, list[dict]]] = {}
     for it, s in zip(items, scores):
-        groups.setdefault(it.answer_type, {}).setdefault(it.question_type, []).append(s)
+        groups.setdefault(it.answer_type, {}).setdefault(key(it), []).append(s)
     out = {}
     for kind, types in sorted(groups.items()):
         main = "strict" if kind == "closed" else "recall"

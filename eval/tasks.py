@@ -47,6 +47,9 @@ class Item:
     """CheXpert labels of the gold when it is labels, not text (nih-findings)."""
     image_bytes: bytes | None = field(default=None, repr=False)
     """The image itself, for formats that embed it (parquet)."""
+    image_group: str = ""
+    """VQA-RAD: the image's bucket ('train', 'val', 'heldout'), so that scores on the standard test
+    split, which shares its images with training, can be read apart by whether the image was trained on."""
 
 
 @dataclass
@@ -161,9 +164,12 @@ def _vqa_rad(data: Path, split: str) -> list[Item]:
     if wanted:
         records = [r for r in records if vqa_rad_image_bucket(r["image_name"]) == wanted]
     # A few questions list two types ("PRES, POS"); the first one is the primary type.
-    return [_vqa_item(r["qid"], folder / "images" / r["image_name"], r["question"], r["answer"],
-                      r["answer_type"], str(r.get("question_type", "")).split(",")[0].strip())
-            for r in records]
+    items = [_vqa_item(r["qid"], folder / "images" / r["image_name"], r["question"], r["answer"],
+                       r["answer_type"], str(r.get("question_type", "")).split(",")[0].strip())
+             for r in records]
+    for item, r in zip(items, records):
+        item.image_group = vqa_rad_image_bucket(r["image_name"])
+    return items
 
 
 def _slake(data: Path, split: str) -> list[Item]:

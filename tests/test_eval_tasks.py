@@ -216,6 +216,26 @@ def test_vqa_rad_splits_sizes_and_image_disjointness(vqa_rad):
     assert 0.10 < shares["heldout"] < 0.20 and 0.06 < shares["val"] < 0.15
 
 
+def test_vqa_rad_standard_test_is_scored_by_image_bucket(vqa_rad):
+    from eval.plots import markdown
+    from eval.run import score
+
+    task = load_task("vqa-rad", vqa_rad, split="test")
+    assert all(it.image_group == vqa_rad_image_bucket(it.image.name) for it in task.items)
+    # Answering "yes" to everything scores, per bucket, the share of closed questions whose gold is "yes".
+    results = score(task, {it.id: "yes" for it in task.items}, bootstrap=0)
+    groups = results["by_image_group"]["closed"]
+    for bucket in ("train", "val", "heldout"):
+        closed = [it for it in task.items if it.image_group == bucket and it.answer_type == "closed"]
+        assert groups[bucket]["n"] == len(closed) > 0
+        assert groups[bucket]["strict"] == pytest.approx(sum(it.answer.lower() == "yes" for it in closed) / len(closed))
+    assert sum(g["n"] for g in results["by_image_group"]["open"].values()) == results["counts"]["open"]
+    results.update(task="vqa-rad", split="test")
+    assert "## By image bucket" in markdown(results) and "| heldout |" in markdown(results)
+    # A split of one bucket has nothing to break down.
+    assert "by_image_group" not in score(load_task("vqa-rad", vqa_rad, split="test-disjoint"), {}, bootstrap=0)
+
+
 def test_nih_findings_gold_is_mapped_nih_labels():
     folder = SHARED_DATA / "nih_cxr"
     if not (folder / "labels.csv").is_file():
