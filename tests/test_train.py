@@ -196,10 +196,24 @@ def test_a_second_run_into_a_busy_folder_is_refused_and_a_stale_lock_taken_over(
         assert _train("align", config, data["align"], out) != 0
         assert "another training run" in capsys.readouterr().err
         assert not (out / "metrics.csv").exists()
-    assert not (out / saved.LOCK).exists()
-    # A lock whose process is gone (a child that has exited) is stale: the next run takes it over.
-    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (out / saved.LOCK).write_text(child.stdout.strip())
+    with saved.run_lock(out):  # released at the end of the run
+        pass
+    # A file naming a live process that does not hold the lock (a pid reused after a reboot) is stale.
+    (out / saved.LOCK).write_text(str(os.getppid()))
+    with saved.run_lock(out):
+        assert (out / saved.LOCK).read_text() == str(os.getpid())
+    # A run killed while it holds the lock (SIGKILL: no clean-up runs) leaves it free for the next.
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from train.state import run_lock\n"
+                               "with run_lock(Path(sys.argv[1])):\n print('locked', flush=True); time.sleep(600)",
+                               str(out)], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match=f"pid {holder.pid}"), saved.run_lock(out):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
     with saved.run_lock(out):
         assert (out / saved.LOCK).read_text() == str(os.getpid())
 

@@ -33,43 +33,48 @@ LOCK = "run.lock"
 @contextmanager
 def run_lock(out: Path) -> Iterator[None]:
     """One training process per run folder. Two runs writing one OUT would interleave their rows in
-    metrics.csv and their checkpoints; OUT/run.lock holds the writer's pid. A lock left by a process
-    that is gone (killed, even by SIGKILL) is taken over, so resuming after a crash still works."""
+    metrics.csv and their checkpoints. The writer holds an exclusive lock on OUT/run.lock (and writes
+    its pid there for the error message). The kernel releases the lock when the process ends, even by
+    SIGKILL, so resuming after a crash needs no clean-up and a reused pid cannot look like a live
+    owner; taking the lock is one atomic call, so two runs started together cannot both get it."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            owner = _lock_owner(path)
-            if owner is not None and _alive(owner):
-                raise ConfigError(f"{out} is being written by another training run (pid {owner}); "
-                                  "stop it or give another --out.") from None
-            path.unlink(missing_ok=True)  # stale: its process is gone
-    with os.fdopen(fd, "w") as f:
-        f.write(str(os.getpid()))
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    if not _try_lock(fd):
+        os.close(fd)
+        owner = _lock_owner(path)
+        raise ConfigError(f"{out} is being written by another training run{f' (pid {owner})' if owner else ''}; "
+                          "stop it or give another --out.")
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
     try:
         yield
     finally:
-        path.unlink(missing_ok=True)
+        # Closing releases the lock. The file stays: removing it would let a run that opened it just
+        # before lock it while a third run creates a new file and locks that one too.
+        os.close(fd)
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        if os.name == "nt":  # no fcntl on Windows; msvcrt's byte-range lock is also dropped on exit
+            import msvcrt
+
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # BlockingIOError on POSIX, PermissionError from msvcrt: held by another process
+        return False
+    return True
 
 
 def _lock_owner(path: Path) -> int | None:
     try:
         return int(path.read_text().strip())
     except (OSError, ValueError):
-        return None  # unreadable or half-written: treated as stale
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by another user
-    return True
+        return None  # being written by the run that holds it
 
 
 def checkpoints_dir(out: Path) -> Path:
