@@ -141,11 +141,12 @@ def _closed_or_open(answer_type: str | None, answer: str) -> str:
     return "closed" if normalize_answer(answer) in ("yes", "no") else "open"
 
 
-def _vqa_item(id_, image, question, answer, answer_type, question_type) -> Item:
+def _vqa_item(id_, image, question, answer, answer_type, question_type, image_group: str = "") -> Item:
     answer = str(answer).strip()
     kind = _closed_or_open(answer_type, answer)
     options = closed_options(question) if kind == "closed" else []
-    return Item(str(id_), image, str(question).strip(), answer, kind, str(question_type or kind), options)
+    return Item(str(id_), image, str(question).strip(), answer, kind, str(question_type or kind), options,
+                image_group=image_group)
 
 
 def _check_split(name: str, split: str, known: tuple[str, ...]) -> None:
@@ -161,15 +162,11 @@ def _vqa_rad(data: Path, split: str) -> list[Item]:
     source = "testset.json" if split in ("test", "test-disjoint") else "trainset.json"
     records = _read_json(folder / source, "vqa-rad")
     wanted = {"test-disjoint": "heldout", "val": "val", "train": "train"}.get(split)
-    if wanted:
-        records = [r for r in records if vqa_rad_image_bucket(r["image_name"]) == wanted]
+    buckets = [vqa_rad_image_bucket(r["image_name"]) for r in records]
     # A few questions list two types ("PRES, POS"); the first one is the primary type.
-    items = [_vqa_item(r["qid"], folder / "images" / r["image_name"], r["question"], r["answer"],
-                       r["answer_type"], str(r.get("question_type", "")).split(",")[0].strip())
-             for r in records]
-    for item, r in zip(items, records):
-        item.image_group = vqa_rad_image_bucket(r["image_name"])
-    return items
+    return [_vqa_item(r["qid"], folder / "images" / r["image_name"], r["question"], r["answer"],
+                      r["answer_type"], str(r.get("question_type", "")).split(",")[0].strip(), image_group=bucket)
+            for r, bucket in zip(records, buckets) if wanted in (None, bucket)]
 
 
 def _slake(data: Path, split: str) -> list[Item]:
