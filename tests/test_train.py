@@ -84,6 +84,24 @@ def test_instruct_trains_the_tower_at_its_fraction_of_the_lr(data, tiny_llm_dir,
     assert "vision_lr_scale must be in (0, 1]" in capsys.readouterr().err
 
 
+def test_records_are_tokenized_once_for_the_context_check_and_length_grouping(data, tiny_llm_dir, tmp_path):
+    from train.cli import build_stage, load_config_file
+    from train.loop import _lengths
+
+    config = write_config(tmp_path, tiny_llm_dir, steps=2)
+    stage, train_cfg = build_stage("instruct", load_config_file(str(config)), {"group_by_length": True},
+                           {"train_data": str(data["instruct"])})
+    model = stage.build_model()
+    train_set, _ = stage.datasets()
+    expected = [len(model.prompts.encode(list(r.messages)).input_ids) for r in train_set]
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a record was tokenized again after loading")
+
+    model.prompts.encode = fail
+    assert _lengths(stage, train_set, train_cfg) == expected
+
+
 @pytest.fixture(scope="module")
 def captioned_llm_dir(tiny_llm_dir, tmp_path_factory):
     return pretrain_llm_on_captions(tiny_llm_dir, tmp_path_factory.mktemp("captioned-llm"))

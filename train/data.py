@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -36,6 +36,7 @@ class ConversationRecord:
     messages: tuple[dict, ...]
     source: str
     line: int
+    length: int | None = None  # tokens with image tokens, when measured at load (kept for group_by_length)
 
 
 def load_pairs(path: str | Path, skip_bad: bool = False, check_image: Callable | None = None) -> list[PairRecord]:
@@ -60,7 +61,8 @@ def load_conversations(path: str | Path, skip_bad: bool = False, check_image: Ca
                        max_length: int | None = None) -> list[ConversationRecord]:
     """Read a LLaVA JSON list ({"id", "image", "conversations": [{"from", "value"}]}) and validate.
 
-    `measure` returns a record's length in tokens (with image tokens); longer than `max_length` is bad.
+    `measure` returns a record's length in tokens (with image tokens), kept on the record; longer than
+    `max_length` is bad.
     """
     path = Path(path)
     records, bad = [], []
@@ -69,10 +71,10 @@ def load_conversations(path: str | Path, skip_bad: bool = False, check_image: Ca
             record = _conversation(path, line, raw)
             for image in record.images:
                 _check_image(image, check_image)
-            if measure is not None and max_length is not None:
-                length = measure(record)
-                if length > max_length:
-                    raise InputError(f"sample is {length} tokens long, longer than the context ({max_length})")
+            if measure is not None:
+                record = replace(record, length=measure(record))
+                if max_length is not None and record.length > max_length:
+                    raise InputError(f"sample is {record.length} tokens long, longer than the context ({max_length})")
             records.append(record)
         except (InputError, AttributeError, TypeError) as e:
             bad.append(f"{path}:{line}: {e}")

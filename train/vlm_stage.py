@@ -118,6 +118,8 @@ class VLMStage:
 
     def record_length(self, record: ConversationRecord) -> int:
         """Tokens in the encoded conversation, image tokens included (for group_by_length)."""
+        if record.length is not None:  # measured when the file was loaded
+            return record.length
         return len(self.model.prompts.encode(list(record.messages)).input_ids)
 
     def collate(self, records: list[ConversationRecord]) -> dict:
