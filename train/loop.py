@@ -104,6 +104,7 @@ class DataOrder:
         self.size, self.batch, self.seed, self.rank, self.world = size, batch, seed, rank, world
         self.lengths = None if lengths is None else torch.tensor(lengths)  # converted once, not every batch
         self.epoch, self.offset = 0, 0
+        self._cached: tuple[int, torch.Tensor] | None = None  # (epoch, its order): built once per epoch, not per batch
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed + epoch)
@@ -123,7 +124,9 @@ class DataOrder:
         global_batch = self.batch * self.world
         if self.offset + global_batch > self.size:  # drop the ragged tail, start a new epoch
             self.epoch, self.offset = self.epoch + 1, 0
-        chunk = self.epoch_order(self.epoch)[self.offset: self.offset + global_batch]
+        if self._cached is None or self._cached[0] != self.epoch:
+            self._cached = (self.epoch, self.epoch_order(self.epoch))
+        chunk = self._cached[1][self.offset: self.offset + global_batch]
         self.offset += global_batch
         return chunk[self.rank * self.batch: (self.rank + 1) * self.batch].tolist()
 
