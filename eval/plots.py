@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from eval.tasks import VQA_RAD_BUCKET_NOTE
+
 # The numbers that lead results.md and `compare`, in this order (those a run has).
 HEADLINE = ["closed_strict", "closed_lenient", "open_exact", "open_recall", "open_f1", "open_bleu1",
             "blank_closed_strict", "ablation_delta_closed_strict",
@@ -121,17 +123,10 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-# What the image buckets of VQA-RAD mean (eval/tasks.py); the standard test split mixes all three.
-_IMAGE_GROUP_NOTE = ("Image bucket (VQA-RAD, by a hash of the image name): `train` images are the ones `medvlm train "
-                     "instruct-data` trains on, `val` images select models, `heldout` images are never trained on "
-                     "(the test-disjoint split). On the standard test split every image also has training "
-                     "questions, so `train` rows measure questions about images a recipe model has seen.")
-
-
 def _breakdown_tables(results: dict) -> list[str]:
     lines = _group_table(results.get("by_question_type"), "By question type", "type")
     if results.get("by_image_group"):
-        lines += _group_table(results["by_image_group"], "By image bucket", "bucket") + ["", _IMAGE_GROUP_NOTE]
+        lines += _group_table(results["by_image_group"], "By image bucket", "bucket") + ["", VQA_RAD_BUCKET_NOTE]
     return lines
 
 

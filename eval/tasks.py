@@ -27,6 +27,11 @@ TASKS = ("vqa-rad", "slake", "pathvqa", "pmc-vqa", "vqa-jsonl", "report-jsonl", 
 # The standard test set shares every image with the training set, so results are also reported on
 # test questions about held-out images, and model selection uses val images; neither is trained on.
 VQA_RAD_BUCKETS = (("heldout", 0.15), ("val", 0.25), ("train", 1.0))
+# The same, for readers of results.md (written under its "By image bucket" table).
+VQA_RAD_BUCKET_NOTE = ("Image bucket (VQA-RAD, by a hash of the image name): `train` images are the ones `medvlm train "
+                       "instruct-data` trains on, `val` images select models, `heldout` images are never trained on "
+                       "(the test-disjoint split). On the standard test split every image also has training "
+                       "questions, so `train` rows measure questions about images a recipe model has seen.")
 VQA_RAD_SPLITS = ("test", "test-disjoint", "val", "train", "train-all")
 
 
