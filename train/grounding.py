@@ -38,9 +38,10 @@ EITHER_OR = {"modality": "Is this {a} or {b}?", "plane": "Is this {a} or {b} ima
 # Open questions name the attribute in the answer. VQA-RAD's train bucket has only a handful of open
 # modality questions, and the mixed instruct run of MODEL_CARD.md ("Tried and not shipped") answered
 # the held-out CT's "What imaging modality is this?" with "X-ray" while it said "CT" to three other
-# phrasings. A 60-step finishing run with these questions did not change that answer; a full run
-# with them (and half the questions bare) from the start answered "CT" at 0.99 but lost the NIH
-# reports, so it was not shipped. Off by default: the shipped model was trained without them.
+# phrasings. A 60-step finishing run with these questions did not change that answer; two full
+# runs with them (and half the questions bare) from the start answered "CT" at 0.89-0.99 and lifted
+# closed accuracy, but missed the NIH val criterion, so neither was shipped. Off by default: the
+# shipped model was trained without them.
 OPEN = {
     "modality": ["What imaging modality is this?", "What imaging modality was used?", "What kind of image is this?",
                  "How was this image taken?"],
