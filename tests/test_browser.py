@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.test_serve import ANSWER, ct_small, free_port, running, taught_checkpoint  # noqa: F401 (a fixture)
+from tests.serve_fixtures import ANSWER, ct_small, free_port, running
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -32,7 +32,7 @@ pytestmark = [
 
 
 @pytest.fixture
-def server(taught_checkpoint):  # noqa: F811 (the fixture imported above)
+def server(taught_checkpoint):
     """What `medvlm serve --model CKPT --port P` builds, run in a thread on a free local port."""
     from serve.cli import build_server
     from vlm.cli import build_parser

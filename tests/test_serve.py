@@ -1,134 +1,47 @@
 """`medvlm serve`: the engine, the OpenAI-compatible API and the Gradio UI on one real server.
 
 The model is the tiny offline one, taught in a few seconds to answer "The lungs are clear." and
-to draft a sectioned report, so replies are stable and readable. The server runs in a thread on
-127.0.0.1; every request is local and bounded by a timeout.
+to draft a sectioned report (tests/serve_fixtures.py), so replies are stable and readable. The
+server runs in a thread on 127.0.0.1; every request is local and bounded by a timeout. The
+engine's queue, cancellation and the command line are in tests/test_engine.py.
 """
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import io
 import json
-import os
-import socket
-import struct
-import threading
-import time
-import zlib
-from pathlib import Path
-
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import httpx
-import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from serve.engine import Engine, EngineBusy, split_report
-from vlm.generation import GenerationConfig
-from vlm.prompts import REPORT_PROMPT
+from serve.engine import Engine
+from tests.serve_fixtures import (
+    ANSWER,
+    TIMEOUT,
+    bomb_png,
+    ct_small,
+    data_url,
+    image_message,
+    local_server,
+    png_bytes,
+    running,
+)
 
-ANSWER = "The lungs are clear."
-REPORT = "Findings: No pleural effusion.\nImpression: No acute disease."
-TIMEOUT = 60
 # Gradio's queue statistics use pandas APIs that pandas 3 deprecates: not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
 
 
 # ---- fixtures ----------------------------------------------------------------------------------
 
-def build_taught_checkpoint(tiny_config, folder: Path) -> Path:
-    """A tiny model taught two fixed replies (the untrained one only babbles whitespace), saved
-    as a checkpoint with its own LLM folder. Built once per session: later calls reuse it."""
-    from vlm.checkpoint import save_checkpoint
-    from vlm.model import MedVLM
-
-    checkpoint = folder / "checkpoint"
-    if (checkpoint / "config.json").is_file():
-        return checkpoint
-    torch.manual_seed(0)
-    model = MedVLM.build(tiny_config)
-    rng = np.random.default_rng(0)
-    conversations = [
-        [{"role": "user", "content": "<image>\nWhat is this?"}, {"role": "assistant", "content": ANSWER}],
-        [{"role": "user", "content": "<image>\nIs the heart enlarged?"}, {"role": "assistant", "content": ANSWER},
-         {"role": "user", "content": "And the pleura?"}, {"role": "assistant", "content": ANSWER}],
-        [{"role": "user", "content": REPORT_PROMPT}, {"role": "assistant", "content": REPORT}],
-    ]
-    encoded = [model.prompts.encode(c) for c in conversations]
-    model.llm.requires_grad_(True)
-    optimizer = torch.optim.Adam(model.llm.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(60):
-        for e in encoded:
-            image = Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8))
-            model(torch.tensor([e.input_ids]), pixel_values=model.preprocess([image]),
-                  labels=torch.tensor([e.labels])).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
-    llm_dir = folder / "llm"
-    model.llm.save_pretrained(llm_dir)
-    model.tokenizer.save_pretrained(llm_dir)
-    model.config = model.config.replace(language={"source": str(llm_dir)})
-    return save_checkpoint(model, checkpoint)
-
-
-@pytest.fixture(scope="session")
-def taught_checkpoint(tiny_config, tmp_path_factory) -> Path:
-    torch.set_num_threads(1)
-    return build_taught_checkpoint(tiny_config, tmp_path_factory.getbasetemp() / "taught-model")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def local_server(app):
-    """A uvicorn server for `app` on 127.0.0.1 and a free port (its address in `.url`)."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    server.url = f"http://127.0.0.1:{port}"
-    return server
-
-
-@contextlib.contextmanager
-def running(server):
-    """Run a uvicorn server in a daemon thread for the duration of the block."""
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: server.started or not thread.is_alive(), TIMEOUT)
-        assert server.started, "the server did not start"
-        yield server
-    finally:
-        server.should_exit = True
-        thread.join(TIMEOUT)
-
-
 @pytest.fixture(scope="module")
-def model(taught_checkpoint):
-    from vlm.model import MedVLM
-
-    torch.set_num_threads(1)
-    return MedVLM.from_pretrained(str(taught_checkpoint))
-
-
-@pytest.fixture(scope="module")
-def served(model):
+def served(taught_model):
     """The real app (API + UI) on one engine; `vision_calls` counts vision-tower forwards."""
     from serve.app import build_app
 
-    engine = Engine(model, queue_size=4, max_image_bytes=2**20, name="tiny")
+    engine = Engine(taught_model, queue_size=4, max_image_bytes=2**20, name="tiny")
     calls = []
-    hook = model.vision.register_forward_hook(lambda *_: calls.append(1))
+    hook = taught_model.vision.register_forward_hook(lambda *_: calls.append(1))
     with running(local_server(build_app(engine, max_body_bytes=2 * 2**20))) as server:
         server.engine, server.vision_calls = engine, calls
         yield server
@@ -143,26 +56,6 @@ def client(served):
     return Client(served.url + "/", verbose=False, download_files=False)
 
 
-def png_bytes(seed: int, size: int = 48) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (size, size), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
-
-
-def bomb_png(width: int = 30000, height: int = 30000) -> bytes:
-    """A PNG header claiming a huge image (no pixel data to speak of)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-
-
-def ct_small() -> Path:
-    from pydicom.data import get_testdata_file
-
-    return Path(get_testdata_file("CT_small.dcm", download=False))
-
 
 def fetched(output: dict) -> bytes:
     """The content of a file a Gradio endpoint returned (gradio_client gives its URL), or of the
@@ -171,14 +64,6 @@ def fetched(output: dict) -> bytes:
         output = output["value"]
     return httpx.get(output["url"], timeout=TIMEOUT).content
 
-
-def data_url(data: bytes, mime: str = "image/png") -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
-
-
-def image_message(text: str, url: str) -> dict:
-    parts = [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}]
-    return {"role": "user", "content": parts}
 
 
 def post(served, body, **kwargs) -> httpx.Response:
@@ -368,147 +253,3 @@ def test_ui_draft_without_an_image_says_so(served):
         fresh.predict(None, "auto/file", 0, 64, api_name="/draft_report")
 
 
-# ---- the engine: queue, cancellation, reports --------------------------------------------------
-
-class SlowStream:
-    """A fake generation: one token per `delay` seconds, or none until `gate` opens."""
-
-    prompt_tokens = cached_tokens = 0  # what TextStream reports; a fake has no prompt
-
-    def __init__(self, n: int, delay: float = 0.0, gate: threading.Event | None = None):
-        self.n, self.delay, self.gate, self.num_tokens = n, delay, gate, 0
-
-    def __iter__(self):
-        for _ in range(self.n):
-            if self.gate is not None:
-                self.gate.wait(TIMEOUT)
-            time.sleep(self.delay)
-            self.num_tokens += 1
-            yield "x"
-
-
-class SlowEngine(Engine):
-    def __init__(self, model, **kwargs):
-        super().__init__(model, **kwargs)
-        self.gate = threading.Event()
-        self.delay = 0.0
-        self.streams: list[SlowStream] = []
-
-    def _stream(self, conversation, messages, images, gen):
-        stream = SlowStream(gen.max_new_tokens, self.delay, self.gate if not self.delay else None)
-        self.streams.append(stream)
-        return stream
-
-
-def wait_until(condition, seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
-def test_a_full_queue_answers_busy_then_recovers(model):
-    from fastapi.testclient import TestClient
-
-    from serve.api import create_api
-
-    engine = SlowEngine(model, concurrency=1, queue_size=1)
-    hello = [{"role": "user", "content": "hi"}]
-    running = engine.chat("a", hello, [], GenerationConfig(max_new_tokens=2))
-    waiting = engine.chat("b", hello, [], GenerationConfig(max_new_tokens=2))
-    with pytest.raises(EngineBusy, match="busy"):
-        engine.chat("c", hello, [], GenerationConfig(max_new_tokens=2))
-    with TestClient(create_api(engine)) as api:
-        r = api.post("/v1/chat/completions", json={"messages": hello, "max_tokens": 2})
-        assert r.status_code == 503
-        assert r.json()["error"]["type"] == "server_busy" and "try again" in r.json()["error"]["message"]
-        waiting.cancel()  # given up while queued: it never starts
-        engine.gate.set()
-        assert running.text() == "xx" and running.finish_reason == "length"
-        assert waiting.text() == "" and waiting.finish_reason == "cancelled" and len(engine.streams) == 1
-        assert wait_until(lambda: engine.pending == 0)
-        r = api.post("/v1/chat/completions", json={"messages": hello, "max_tokens": 3})
-        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "xxx"
-    engine.close()
-
-
-def test_leaving_a_reply_early_stops_its_generation(model):
-    engine = SlowEngine(model)
-    engine.delay = 0.01
-    reply = engine.chat("a", [{"role": "user", "content": "hi"}], [], GenerationConfig(max_new_tokens=2000))
-    for i, _ in enumerate(reply):
-        if i == 2:
-            break  # the reader leaves (closes the iterator)
-    assert wait_until(lambda: engine.pending == 0), "the worker stopped"
-    assert reply.finish_reason == "cancelled" and engine.streams[0].num_tokens < 500
-    engine.close()
-
-
-def test_a_client_that_disconnects_stops_the_generation(model):
-    from serve.api import create_api
-
-    engine = SlowEngine(model)
-    engine.delay = 0.01  # 2000 tokens would take 20 s
-    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2000}
-    with running(local_server(create_api(engine))) as server:
-        with httpx.stream("POST", server.url + "/v1/chat/completions", json={**body, "stream": True},
-                          timeout=TIMEOUT) as r:
-            assert next(r.iter_lines()).startswith("data: ")  # then the client goes away
-        assert wait_until(lambda: engine.pending == 0), "the streamed generation stopped"
-        with pytest.raises(httpx.ReadTimeout):  # a plain request whose client gives up after 1 s
-            httpx.post(server.url + "/v1/chat/completions", json=body, timeout=1)
-        assert wait_until(lambda: engine.pending == 0), "the plain generation stopped"
-    assert [s.num_tokens < 500 for s in engine.streams] == [True, True]
-    engine.close()
-
-
-@pytest.mark.parametrize("text, findings, impression", [
-    ("Findings: Clear lungs.\nImpression: Normal.", "Clear lungs.", "Normal."),
-    ("FINDINGS:\nNo effusion.\n\nIMPRESSION:\nNo acute disease.", "No effusion.", "No acute disease."),
-    ("## Findings\nHeart normal.\n## Impression\nNormal chest.", "Heart normal.", "Normal chest."),
-    ("The lungs are clear. No pneumothorax.", "The lungs are clear. No pneumothorax.", ""),
-])
-def test_report_drafts_are_split_at_the_impression(text, findings, impression):
-    assert split_report(text) == {"findings": findings, "impression": impression}
-
-
-def test_draft_report_uses_the_report_prompt(model):
-    engine = Engine(model)
-    image = Image.open(io.BytesIO(png_bytes(6)))
-    assert engine.draft_report(image, GenerationConfig(max_new_tokens=40)) == {
-        "findings": "No pleural effusion.", "impression": "No acute disease."}
-    engine.close()
-
-
-# ---- authentication and the command line -------------------------------------------------------
-
-def test_auth_protects_the_api_and_the_ui(model):
-    from fastapi.testclient import TestClient
-
-    from serve.app import build_app
-
-    engine = Engine(model)
-    with TestClient(build_app(engine, auth=("doc", "s3cret"))) as app:
-        refused = app.get("/v1/models")
-        assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
-        assert app.get("/v1/models", auth=("doc", "wrong")).status_code == 401
-        assert app.get("/v1/models", auth=("doc", "s3cret")).status_code == 200
-        assert app.get("/v1/models", headers={"Authorization": "Bearer doc:s3cret"}).status_code == 200
-        assert app.get("/config").status_code == 401, "the UI's config needs a login"
-        assert app.post("/login", data={"username": "doc", "password": "s3cret"}).status_code == 200
-        assert app.get("/config").status_code == 200
-    engine.close()
-
-
-def test_serve_command_options_and_errors(capsys):
-    from vlm.cli import build_parser, main
-
-    args = build_parser().parse_args(["serve"])
-    assert (args.host, args.port, args.share, args.model, args.concurrency) == ("127.0.0.1", 7860, False, "demo", 1)
-    port = str(free_port())
-    assert main(["serve", "--model", "/no/such/checkpoint", "--port", port]) == 2
-    assert main(["serve", "--auth", "nopassword", "--port", port]) == 2
-    err = capsys.readouterr().err
-    assert "no such folder" in err and "--auth must be USER:PASS" in err and "Traceback" not in err
