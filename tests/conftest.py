@@ -101,10 +101,10 @@ def taught_checkpoint(tiny_config, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def taught_model(taught_checkpoint):
-    """The taught checkpoint loaded once for the serving tests; they only generate with it."""
+    """The taught checkpoint loaded once for the serving tests; they only generate with it
+    (the thread count is already set by `taught_checkpoint`)."""
     from vlm.model import MedVLM
 
-    torch.set_num_threads(1)
     return MedVLM.from_pretrained(str(taught_checkpoint))
 
 

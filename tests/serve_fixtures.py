@@ -130,4 +130,3 @@ def data_url(data: bytes, mime: str = "image/png") -> str:
 def image_message(text: str, url: str) -> dict:
     parts = [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}]
     return {"role": "user", "content": parts}
-

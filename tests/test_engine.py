@@ -46,8 +46,6 @@ class SlowEngine(Engine):
         return stream
 
 
-
-
 def test_a_full_queue_answers_busy_then_recovers(taught_model):
     from fastapi.testclient import TestClient
 
