@@ -60,6 +60,13 @@ def add_commands(sub) -> None:
     data.add_argument("--vqa-rad", required=True, help="the vqa_rad folder (trainset.json, images/)")
     data.add_argument("--out", required=True, help="folder for train.jsonl and val.jsonl")
     data.set_defaults(run=run_clip_data)
+    carve = stages.add_parser("nih-split", help="copy the NIH labels with some train patients moved to val "
+                                                "(a wider val split for choosing runs)")
+    carve.add_argument("--nih", required=True, help="the nih_cxr folder (labels.csv, images/)")
+    carve.add_argument("--carve-val", type=int, required=True, help="how many train patients move to val")
+    carve.add_argument("--seed", type=int, default=0, help="which patients are drawn (default 0)")
+    carve.add_argument("--out", required=True, help="a new folder: labels.csv and a link to the images")
+    carve.set_defaults(run=run_nih_split)
     vqa = stages.add_parser("vqa-rad-data", help="write VQA-RAD conversations for `train instruct`")
     vqa.add_argument("--vqa-rad", required=True, help="the vqa_rad folder (trainset.json, images/)")
     vqa.add_argument("--out", required=True, help="folder for train.json (train images) and val.json (val images)")
@@ -139,6 +146,14 @@ def _numbered_copies(versions: list[list[dict]]) -> list[dict]:
     """The records of each version in turn; the first keeps its ids, version k's get "-copyk", so every
     id in the mix stays distinct (and keys the RNG of drop_brief_suffix)."""
     return [dict(c, id=f"{c['id']}-copy{k}") if k else c for k, version in enumerate(versions) for c in version]
+
+
+def run_nih_split(args) -> int:
+    from train.nih_labels import write_carved_split
+
+    counts = write_carved_split(Path(args.nih), Path(args.out), args.carve_val, args.seed)
+    print(", ".join(f"{k}: {v}" for k, v in counts.items()) + f" -> {args.out}")
+    return 0
 
 
 def run_clip_data(args) -> int:
