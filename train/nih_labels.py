@@ -61,12 +61,15 @@ def write_carved_split(source: Path, out: Path, count: int, seed: int = 0) -> di
     for r in rows:
         if r["split"] == "train" and r["patient_id"] in carved:
             r["split"] = "val"
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "labels.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / "images").symlink_to(images.resolve(), target_is_directory=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with (out / "labels.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        (out / "images").symlink_to(images.resolve(), target_is_directory=True)
+    except OSError as e:
+        raise InputError(f"cannot write {out}: {e.strerror}") from e
     return {split: sum(r["split"] == split for r in rows) for split in ("train", "val", "test")}
 
 
