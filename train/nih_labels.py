@@ -15,11 +15,7 @@ NO_FINDING = "No Finding"
 
 def label_rows(path: Path, split: str) -> list[tuple[Path, frozenset[str]]]:
     """(image path, its findings without "No Finding") for each row of `split`; a clear error otherwise."""
-    try:
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-    except OSError as e:
-        raise InputError(f"cannot read labels {path}: {e.strerror}") from e
+    rows, _ = _read_labels(path)
     if rows and not {"image", "findings", "split"} <= set(rows[0]):
         raise InputError(f"{path}: needs columns image, findings, split.")
     out = [(_beside(path, r["image"]), frozenset(f for f in r["findings"].split("|") if f and f != NO_FINDING))
@@ -38,12 +34,7 @@ def write_carved_split(source: Path, out: Path, count: int, seed: int = 0) -> di
     neither row order nor Python's hash; all images of a drawn patient move together. Returns the
     image count per split."""
     labels, images = source / "labels.csv", source / "images"
-    try:
-        with labels.open(newline="") as f:
-            reader = csv.DictReader(f)
-            rows, columns = list(reader), reader.fieldnames or []
-    except OSError as e:
-        raise InputError(f"cannot read labels {labels}: {e.strerror}") from e
+    rows, columns = _read_labels(labels)
     if not {"image", "split", "patient_id"} <= set(columns):
         raise InputError(f"{labels}: needs columns image, split, patient_id to carve by patient.")
     train_patients = sorted({r["patient_id"] for r in rows if r["split"] == "train"},
@@ -71,6 +62,16 @@ def write_carved_split(source: Path, out: Path, count: int, seed: int = 0) -> di
     except OSError as e:
         raise InputError(f"cannot write {out}: {e.strerror}") from e
     return {split: sum(r["split"] == split for r in rows) for split in ("train", "val", "test")}
+
+
+def _read_labels(path: Path) -> tuple[list[dict], list[str]]:
+    """The rows of a labels CSV and its column names; a clear error if it cannot be read."""
+    try:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            return list(reader), list(reader.fieldnames or [])
+    except OSError as e:
+        raise InputError(f"cannot read labels {path}: {e.strerror}") from e
 
 
 def _beside(csv_path: Path, name: str) -> Path:
