@@ -84,7 +84,10 @@ def test_bad_requests_are_clear_errors_and_write_nothing(nih, tmp_path, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
     assert main(["train", "nih-split", "--nih", str(nih), "--carve-val", "2", "--out", str(tmp_path / "full")]) == 2
-    assert "not empty" in capsys.readouterr().err
+    assert "not an empty folder" in capsys.readouterr().err
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    with pytest.raises(InputError, match="not an empty folder"):  # a file given as the output folder
+        write_carved_split(nih, tmp_path / "full" / "keep.txt", 2)
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
     with pytest.raises(InputError, match="cannot write"):  # a file where a folder must go
         write_carved_split(nih, tmp_path / "full" / "keep.txt" / "wide", 2)

@@ -46,8 +46,8 @@ def write_carved_split(source: Path, out: Path, count: int, seed: int = 0) -> di
         raise InputError(f"{images} is not a folder of images.")
     if out.resolve() == source.resolve():
         raise InputError("--out must be a new folder, not the source folder: its labels would be overwritten.")
-    if out.exists() and any(out.iterdir()):
-        raise InputError(f"{out} exists and is not empty; choose a new folder.")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"{out} exists and is not an empty folder; choose a new folder.")
     carved = set(train_patients[:count])
     for r in rows:
         if r["split"] == "train" and r["patient_id"] in carved:
