@@ -58,11 +58,10 @@ def test_carved_patients_move_from_train_to_val_whole_and_test_is_untouched(nih,
 
 
 def test_the_draw_depends_on_seed_and_patients_not_on_row_order(nih, tmp_path):
-    rows = list(csv.reader((nih / "labels.csv").open()))
-    shuffled = _nih_folder(tmp_path / "shuffled", [])
-    with (shuffled / "labels.csv").open("w", newline="") as f:
-        csv.writer(f).writerows([rows[0]] + rows[:0:-1])  # header, then the rows reversed
-    (shuffled / "images").rmdir()
+    lines = (nih / "labels.csv").read_text().splitlines(keepends=True)
+    shuffled = tmp_path / "shuffled"
+    shuffled.mkdir()
+    (shuffled / "labels.csv").write_text(lines[0] + "".join(reversed(lines[1:])))  # header, rows reversed
     (shuffled / "images").symlink_to(nih / "images")
     write_carved_split(nih, tmp_path / "a", count=4)
     write_carved_split(shuffled, tmp_path / "b", count=4)

@@ -15,8 +15,8 @@ NO_FINDING = "No Finding"
 
 def label_rows(path: Path, split: str) -> list[tuple[Path, frozenset[str]]]:
     """(image path, its findings without "No Finding") for each row of `split`; a clear error otherwise."""
-    rows, _ = _read_labels(path)
-    if rows and not {"image", "findings", "split"} <= set(rows[0]):
+    rows, columns = _read_labels(path)
+    if rows and not {"image", "findings", "split"} <= set(columns):
         raise InputError(f"{path}: needs columns image, findings, split.")
     out = [(_beside(path, r["image"]), frozenset(f for f in r["findings"].split("|") if f and f != NO_FINDING))
            for r in rows if r["split"] == split]
