@@ -3,6 +3,7 @@ as a token-step iterator that `generate` collects and `stream` turns into text d
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from typing import Iterator
@@ -11,6 +12,9 @@ import torch
 from PIL import Image
 
 from vlm.errors import ConfigError, InputError
+
+
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
 
 
 @dataclass(frozen=True)
@@ -22,12 +26,36 @@ class GenerationConfig:
     seed: int | None = None
     use_cache: bool = True
     """Off recomputes the whole sequence every step (only useful to check the cache)."""
+    stop: tuple[str, ...] = ()
+    """Strings that end the reply; the reply is cut before the first one (not included)."""
+    repetition_penalty: float = 1.0
+    """Divides the logits of tokens already generated in this reply (>1 discourages repeats; 1 is off)."""
+    no_repeat_ngram_size: int = 0
+    """Forbid any n-gram of this many tokens from appearing twice in one reply (0 is off)."""
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}.")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ConfigError("temperature must be >= 0 and top_p in (0, 1].")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed must be between 0 and {MAX_SEED}.")
+        if not 1.0 <= self.repetition_penalty <= 10.0 or self.no_repeat_ngram_size < 0:
+            raise ConfigError("repetition_penalty must be between 1 and 10 and no_repeat_ngram_size at least 0.")
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ConfigError("stop must be a tuple of non-empty strings.")
+
+    def guarded(self) -> "GenerationConfig":
+        """This config with the repetition guard that chat and report drafting use by default
+        (evaluation keeps plain greedy decoding, so its scores are not shaped by the guard)."""
+        return dataclasses.replace(self, repetition_penalty=CHAT_REPETITION_PENALTY,
+                                   no_repeat_ngram_size=CHAT_NO_REPEAT_NGRAM)
+
+
+# The chat/drafting repetition guard: mild, so short answers are untouched, but a reply cannot
+# loop ("MRI of the brain...%||MRI of the scalp%||..." until max tokens).
+CHAT_REPETITION_PENALTY = 1.1
+CHAT_NO_REPEAT_NGRAM = 4
 
 
 @dataclass
