@@ -2,7 +2,9 @@
 `build_app`, which puts the UI and the HTTP API on one FastAPI app around one engine.
 
 Each browser session is one conversation (keyed by Gradio's session hash): its image is decoded
-once on upload and its KV cache makes follow-up questions cheap. Errors a user can cause are
+once on upload and its KV cache makes follow-up questions cheap. Uploads, previews and report
+drafts live in private folders (serve/session_files.py) and are deleted when the session ends
+(the tab is closed) or, after a crash, when the next server starts. Errors a user can cause are
 shown as their readable message; anything else as a short "internal error" (details go to the
 server log only), hence `show_error=False`.
 """
@@ -12,13 +14,17 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import tempfile
+import os
+from collections import defaultdict
 from pathlib import Path
 
 import gradio as gr
+from gradio.processing_utils import save_pil_to_cache
 
 from serve.api import create_api
 from serve.engine import Engine
+from serve.logs import quiet_gradio_tracebacks
+from serve.session_files import delete_files, private_folder
 from vlm.errors import MedVLMError
 from vlm.generation import GenerationConfig
 from vlm.imaging import describe_metadata
@@ -35,6 +41,9 @@ EXAMPLE_FILES = ("CT_small.dcm", "MR_small.dcm")
 def build_app(engine: Engine, auth: tuple[str, str] | None = None, max_body_bytes: int | None = None):
     """One FastAPI app: the API under /v1 and /health, the UI at /."""
     app = create_api(engine, auth=auth, max_body_bytes=max_body_bytes)
+    quiet_gradio_tracebacks()
+    # Gradio keeps uploads in GRADIO_TEMP_DIR, read when the Blocks and its routes are made.
+    os.environ["GRADIO_TEMP_DIR"] = str(private_folder("uploads"))
     blocks = build_ui(engine)
     # The UI's heavy events share the engine's concurrency; Gradio's queue shows waiting users
     # their position, and past `queue_size` it refuses with its own "queue is full" message.
@@ -106,9 +115,12 @@ def _text(content) -> str:
 class Handlers:
     """The UI's event handlers: translate widgets to engine calls and back."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, uploads: Path):
         self.engine = engine
-        self.reports = Path(tempfile.mkdtemp(prefix="medvlm-reports-"))
+        self.uploads = uploads
+        self.reports = private_folder("reports")
+        self.files: defaultdict[str, set[str]] = defaultdict(set)
+        """Per conversation: the uploads and previews it made (deleted when its session ends)."""
 
     @staticmethod
     def conversation(request: gr.Request | None) -> str:
@@ -122,14 +134,18 @@ class Handlers:
         image = self.engine.load_image(path, window=None if window in (None, AUTO_WINDOW) else window,
                                        frame=None if frame is None else int(frame))
         pil = image.to_pil()
-        self.engine.set_images(self.conversation(request), [pil])
-        return image, pil, describe_metadata(image.metadata)
+        cid = self.conversation(request)
+        self.engine.set_images(cid, [pil])
+        preview = save_pil_to_cache(pil, str(self.uploads), name="preview", format="png")
+        self.files[cid].update((str(path), preview))
+        return image, preview, describe_metadata(image.metadata)
 
     @_readable
     def upload(self, path, window, request: gr.Request):
         """A new file: a new conversation about it (the chat and the report start over)."""
         cid = self.conversation(request)
         self.engine.forget(cid)
+        delete_files(self.files.pop(cid, set()) - {str(path)}, self.uploads)  # the last file's, not this one
         if not path:
             return None, "", gr.update(visible=False, value=0), [], "", ""
         image, pil, info = self._show(path, window, None, request)
@@ -161,7 +177,7 @@ class Handlers:
             gr.Warning("No image is loaded: the answer uses the text only.")
         history += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
         yield history, ""
-        gen = GenerationConfig(max_new_tokens=int(max_tokens), temperature=float(temperature))
+        gen = GenerationConfig(max_new_tokens=int(max_tokens), temperature=float(temperature)).guarded()
         reply = self.engine.chat(cid, history[:-1], None, gen)
         async for delta in reply.astream():
             history[-1]["content"] += delta
@@ -178,15 +194,21 @@ class Handlers:
 
     @_readable
     def draft(self, path, window, frame, max_tokens, request: gr.Request):
+        """The study's name, and findings/impression drafted only where the model may report it."""
         cid = self.conversation(request)
-        if path and not self.engine.images(cid):  # e.g. dropped from the engine's LRU: decode again
-            self._show(path, window, frame, request)
-        images = self.engine.images(cid)
-        if not images:
+        if not path:
             raise gr.Error("Upload an image first, then draft the report.")
-        gen = GenerationConfig(max_new_tokens=int(max_tokens))
-        report = self.engine.draft_report(images[0], gen)
-        return report["findings"], report["impression"]
+        image, _, _ = self._show(path, window, frame, request)  # the DICOM header names the study
+        report = self.engine.draft_report(image, GenerationConfig(max_new_tokens=int(max_tokens)), cid)
+        return report["study"], report["findings"], report["impression"]
+
+    def end_session(self, request: gr.Request):
+        """The tab was closed: forget the conversation and delete its uploads, previews and drafts."""
+        cid = self.conversation(request)
+        self.engine.forget(cid)
+        deleted = delete_files(self.files.pop(cid, ()), self.uploads)
+        deleted += delete_files((self.reports / cid).glob("*"), self.reports)
+        log.info("session ended: %d file(s) deleted", deleted)
 
     def export(self, findings, impression, request: gr.Request):
         """The editable draft as Markdown, for the download button."""
@@ -201,7 +223,7 @@ class Handlers:
 
 
 def build_ui(engine: Engine) -> gr.Blocks:
-    h = Handlers(engine)
+    h = Handlers(engine, Path(os.environ.get("GRADIO_TEMP_DIR") or private_folder("uploads")))
     # Uploaded files can be patient images: Gradio's cache of them is purged hourly.
     # No analytics: a clinical tool does not report its use to third parties.
     with gr.Blocks(title="medvlm", delete_cache=(3600, 3600), analytics_enabled=False) as blocks:
@@ -232,6 +254,8 @@ def build_ui(engine: Engine) -> gr.Blocks:
                     temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0 = greedy)")
         with gr.Group():
             draft = gr.Button("Draft report", elem_id="draft")
+            study = gr.Textbox(label="Study (what the image is, and where that comes from)", interactive=False,
+                               elem_id="study")
             findings = gr.Textbox(label="Findings (editable)", lines=6, buttons=["copy"], elem_id="findings")
             impression = gr.Textbox(label="Impression (editable)", lines=3, buttons=["copy"], elem_id="impression")
             download = gr.DownloadButton("Download report (.md)", interactive=False, elem_id="download")
@@ -245,8 +269,9 @@ def build_ui(engine: Engine) -> gr.Blocks:
                          api_name="chat", concurrency_limit=engine.concurrency, concurrency_id="model")
         stop.click(h.stop, None, None, cancels=[chatting], api_name="stop")
         clear.click(h.clear, None, [chatbot, message], api_name="clear")
-        draft.click(h.draft, [*view, max_tokens], [findings, impression], api_name="draft_report",
+        draft.click(h.draft, [*view, max_tokens], [study, findings, impression], api_name="draft_report",
                     concurrency_limit=engine.concurrency, concurrency_id="model")
         gr.on([findings.change, impression.change], h.export, [findings, impression], download,
               trigger_mode="always_last", api_name="export_report")
+        blocks.unload(h.end_session)
     return blocks

@@ -10,9 +10,15 @@ Each request gets a `Reply`: the worker pushes text deltas into it and the calle
 (sync or async). Cancelling a reply (Stop button, client gone) stops the worker at the next
 token, so an abandoned request never holds the model.
 
-Conversations are keyed by an id chosen by the caller and hold their images and a
-`ConversationCache`, so a follow-up turn neither re-encodes the image nor recomputes its prefix;
-the least recently used ones are dropped beyond `max_conversations`.
+Conversations are keyed by an id chosen by the caller (one browser session, one API client's
+named conversation: never by content, so no client's cache serves another) and hold their
+images and a `ConversationCache`, so a follow-up turn neither re-encodes the image nor
+recomputes its prefix. The least recently used ones are dropped beyond `max_conversations`, and
+their KV caches are dropped, oldest first, beyond `max_cache_bytes` in all. A request with no
+conversation id is a one-off: nothing is cached or kept.
+
+Uploads may be handed over as raw bytes: they are decoded by the worker, after the request was
+admitted to the queue, so a flood of large images waits (or is refused) before it costs memory.
 
 Logs carry ids, sizes, token counts and timings only: never message text, images or DICOM tags.
 """
@@ -21,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import queue
 import re
@@ -34,10 +39,11 @@ from typing import AsyncIterator, Iterator
 
 from PIL import Image
 
-from vlm.errors import MedVLMError
-from vlm.generation import ConversationCache, GenerationConfig, TextStream
+from vlm import studies
+from vlm.errors import InputError, MedVLMError
+from vlm.generation import ConversationCache, GenerationConfig, TextStream, cache_bytes
 from vlm.imaging import MedicalImage, load_image
-from vlm.prompts import REPORT_PROMPT, user_message
+from vlm.prompts import REPORT_PROMPT, VQA_PROMPT, user_message
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +57,15 @@ class EngineBusy(MedVLMError):
     """The request queue is full; the caller should try again shortly."""
 
 
+MIN_REPORT_SIDE = 64
+"""A smaller image holds too little to report on; drafting refuses it."""
+
+
 @dataclass
 class Conversation:
     images: list[Image.Image] = field(default_factory=list)
-    cache: ConversationCache = field(default_factory=ConversationCache)
+    cache: ConversationCache | None = field(default_factory=ConversationCache)
+    """None for a one-off conversation: nothing is reused or kept."""
     lock: threading.Lock = field(default_factory=threading.Lock)
     """Held while the conversation decodes: its cache is not safe to share between two decodes."""
     active: "Reply | None" = None
@@ -136,9 +147,10 @@ class Engine:
     """One loaded model, its request queue and its conversations (see the module docstring)."""
 
     def __init__(self, model, concurrency: int = 1, queue_size: int = 16, max_image_bytes: int = 64 * 2**20,
-                 max_image_pixels: int = 50_000_000, max_conversations: int = 64, name: str = "medvlm"):
-        if concurrency < 1 or queue_size < 0 or max_conversations < 1:
-            raise ValueError("concurrency and max_conversations must be >= 1 and queue_size >= 0")
+                 max_image_pixels: int = 50_000_000, max_conversations: int = 64, max_cache_bytes: int = 2 * 2**30,
+                 name: str = "medvlm"):
+        if concurrency < 1 or queue_size < 0 or max_conversations < 1 or max_cache_bytes < 0:
+            raise ValueError("concurrency and max_conversations must be >= 1, queue_size and max_cache_bytes >= 0")
         self.model = model
         self.name = name
         self.concurrency = concurrency
@@ -146,6 +158,7 @@ class Engine:
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
         self.max_conversations = max_conversations
+        self.max_cache_bytes = max_cache_bytes
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="medvlm-generate")
         self._lock = threading.Lock()  # guards _pending and _conversations
         self._pending = 0
@@ -186,18 +199,18 @@ class Engine:
 
     # ---- generation -----------------------------------------------------------------------------
 
-    def chat(self, conversation_id: str, messages: list[dict], images: list[Image.Image] | None = None,
-             gen: GenerationConfig | None = None) -> Reply:
+    def chat(self, conversation_id: str | None, messages: list[dict],
+             images: list[Image.Image | bytes] | None = None, gen: GenerationConfig | None = None) -> Reply:
         """Queue a reply to `messages` (role/content dicts, content text with one `<image>` marker
         per image; markers go in front of the first user turn when there are none). `images`
-        replaces the conversation's images; None keeps those it has. Raises EngineBusy at once
-        when the queue is full; errors during generation (e.g. InputError) surface while reading."""
+        (PIL images, or upload bytes that the worker decodes once the request is admitted)
+        replaces the conversation's images; None keeps those it has. `conversation_id=None` is a
+        one-off conversation. Raises EngineBusy at once when the queue is full; errors during
+        decoding or generation (e.g. InputError) surface while reading."""
         gen = gen or GenerationConfig()
-        conversation = self._conversation(conversation_id)
-        if images is not None:
-            conversation.images = list(images)
-        images = list(conversation.images)
-        messages = _with_markers(messages, self.model.config.image_marker, len(images))
+        conversation = self._conversation(conversation_id) if conversation_id is not None else Conversation(cache=None)
+        pending = list(conversation.images) if images is None else list(images)
+        messages = _with_markers(messages, self.model.config.image_marker, len(pending))
         reply = Reply(gen.max_new_tokens)
         with self._lock:
             if self._pending >= self.concurrency + self.queue_size:
@@ -205,22 +218,45 @@ class Engine:
                                  "please try again in a moment.")
             self._pending += 1
         try:
-            self._pool.submit(self._run, conversation_id, conversation, messages, images, gen, reply)
+            self._pool.submit(self._run, conversation_id or "one-off", conversation, messages,
+                              None if images is None else pending, gen, reply)
         except RuntimeError:  # the pool was shut down
             self._release()
             raise EngineBusy("The server is shutting down.") from None
         return reply
 
-    def draft_report(self, image: Image.Image, gen: GenerationConfig | None = None,
+    def draft_report(self, image: MedicalImage | Image.Image, gen: GenerationConfig | None = None,
                      conversation_id: str | None = None) -> dict[str, str]:
-        """Draft {"findings", "impression"} for one image with REPORT_PROMPT. When the model writes
-        no "Impression" heading, everything goes to findings and the impression is left empty for
-        the clinician to write."""
-        gen = gen or GenerationConfig(max_new_tokens=256)
-        # Keyed by the image, so drafting again for the same image reuses its encoded prefix.
-        key = conversation_id or "report-" + hashlib.sha1(image.convert("RGB").tobytes()).hexdigest()[:16]
-        text = self.chat(key, [{"role": "user", "content": REPORT_PROMPT}], [image], gen).text()
-        return split_report(text)
+        """Draft {"study", "findings", "impression"} for one image.
+
+        The study (modality, region) comes from the DICOM header when `image` is a DICOM
+        MedicalImage, else from the model's answers; findings are drafted with REPORT_PROMPT only
+        for the study types the model was trained to report (`config.report_studies`), and
+        otherwise the draft says so. Without an "Impression" heading in the draft, the impression
+        is derived from its positive findings (vlm.studies.impression_from_findings)."""
+        gen = (gen or GenerationConfig(max_new_tokens=256)).guarded()
+        pil = image.to_pil() if isinstance(image, MedicalImage) else image
+        if min(pil.size) < MIN_REPORT_SIDE:
+            raise InputError(f"The image is {pil.size[0]}x{pil.size[1]} pixels: too small to report on "
+                             f"(at least {MIN_REPORT_SIDE} pixels a side).")
+        metadata = image.metadata if isinstance(image, MedicalImage) else {}
+        study = studies.study_from_metadata(metadata) or self._ask_study(pil)
+        allowed = tuple(self.model.config.report_studies)
+        if not studies.reportable(study, allowed):
+            return {"study": study.describe(), "findings": studies.not_reportable_note(study, allowed),
+                    "impression": "No draft: this study type is outside what the model was trained to report."}
+        key = None if conversation_id is None else f"{conversation_id}-report"
+        report = split_report(self.chat(key, [{"role": "user", "content": REPORT_PROMPT}], [pil], gen).text())
+        report["impression"] = report["impression"] or studies.impression_from_findings(report["findings"])
+        return {"study": study.describe(), **report}
+
+    def _ask_study(self, image: Image.Image) -> studies.Study:
+        """The study as the model names it (greedy, short answers, one-off conversations)."""
+        gen = GenerationConfig(max_new_tokens=16)
+        modality, region = (self.chat(None, [{"role": "user", "content": VQA_PROMPT.format(question=q)}],
+                                      [image], gen).text()
+                            for q in (studies.MODALITY_QUESTION, studies.REGION_QUESTION))
+        return studies.study_from_answers(modality, region)
 
     def close(self) -> None:
         with self._lock:
@@ -248,9 +284,9 @@ class Engine:
             self._pending -= 1
 
     def _stream(self, conversation: Conversation, messages: list[dict], images: list[Image.Image],
-                gen: GenerationConfig) -> TextStream:
+                gen: GenerationConfig, cancelled=None) -> TextStream:
         """The model's token stream (a seam: tests substitute a slow fake here)."""
-        return TextStream(self.model, messages, images, gen, session=conversation.cache)
+        return TextStream(self.model, messages, images, gen, session=conversation.cache, cancelled=cancelled)
 
     def _run(self, conversation_id: str, conversation: Conversation, messages, images, gen, reply: Reply) -> None:
         """Worker: decode into `reply` until the end, the budget or a cancel; always end the reply."""
@@ -262,7 +298,9 @@ class Engine:
             with conversation.lock:
                 conversation.active = reply
                 try:
-                    self._decode(conversation, messages, images, gen, reply)
+                    if images is not None:  # new images (uploads decoded here, after admission)
+                        conversation.images = [self._decoded(item) for item in images]
+                    self._decode(conversation, messages, list(conversation.images), gen, reply)
                 finally:
                     conversation.active = None
         except MedVLMError as e:
@@ -275,13 +313,17 @@ class Engine:
         finally:
             self._release()
             reply._push(_END)
+            self._trim_caches()
             end = time.perf_counter()
             log.info("conversation %s: %s; %d prompt tokens (%d cached), %d generated; first token %.2f s, "
                      "total %.2f s", conversation_id[:16], reply.finish_reason, reply.prompt_tokens,
                      reply.cached_tokens, reply.completion_tokens, (reply.first_token_at or end) - start, end - start)
 
+    def _decoded(self, item: Image.Image | bytes) -> Image.Image:
+        return self.load_image(item).to_pil() if isinstance(item, (bytes, bytearray)) else item
+
     def _decode(self, conversation: Conversation, messages, images, gen: GenerationConfig, reply: Reply) -> None:
-        stream = self._stream(conversation, messages, images, gen)
+        stream = self._stream(conversation, messages, images, gen, cancelled=lambda: reply.cancelled)
         reply.prompt_tokens = stream.prompt_tokens
         for delta in stream:
             reply.cached_tokens = stream.cached_tokens
@@ -291,8 +333,30 @@ class Engine:
             if reply.cancelled:
                 break
         reply.completion_tokens, reply.cached_tokens = stream.num_tokens, stream.cached_tokens
-        reply.finish_reason = ("cancelled" if reply.cancelled else
-                               "length" if stream.num_tokens >= gen.max_new_tokens else "stop")
+        reply.finish_reason = "cancelled" if reply.cancelled else (stream.finish_reason or "stop")
+
+    def cache_bytes(self) -> int:
+        """Bytes held by the conversations' KV caches."""
+        with self._lock:
+            conversations = list(self._conversations.values())
+        return sum(cache_bytes(c.cache.past) for c in conversations if c.cache is not None)
+
+    def _trim_caches(self) -> None:
+        """Drop KV caches, least recently used first, until they hold at most max_cache_bytes
+        (a conversation decoding right now keeps its cache; its images stay either way)."""
+        with self._lock:
+            conversations = list(self._conversations.values())  # oldest first
+        sizes = [cache_bytes(c.cache.past) if c.cache is not None else 0 for c in conversations]
+        total = sum(sizes)
+        for conversation, size in zip(conversations, sizes):
+            if total <= self.max_cache_bytes:
+                return
+            if size and conversation.lock.acquire(blocking=False):
+                try:
+                    conversation.cache = ConversationCache()
+                finally:
+                    conversation.lock.release()
+                total -= size
 
 
 def _with_markers(messages: list[dict], marker: str, n_images: int) -> list[dict]:

@@ -93,7 +93,7 @@ def tiny_model(tiny_config):
 
 @pytest.fixture(scope="session")
 def taught_checkpoint(tiny_config, tmp_path_factory) -> Path:
-    """The tiny model taught two fixed replies (tests/serve_fixtures.py), saved once per session."""
+    """The tiny model taught fixed replies (tests/serve_fixtures.py), saved once per session."""
     from tests.serve_fixtures import build_taught_checkpoint
 
     torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""What the serving tests share: a tiny model taught two fixed replies, a local server in a
+"""What the serving tests share: a tiny model taught fixed replies, a local server in a
 thread, and the images and request bodies they send. Every request is local and bounded by a
 timeout."""
 
@@ -18,15 +18,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlm.prompts import REPORT_PROMPT
+from vlm.prompts import REPORT_PROMPT, VQA_PROMPT
+from vlm.studies import MODALITY_QUESTION, REGION_QUESTION
 
 ANSWER = "The lungs are clear."
 REPORT = "Findings: No pleural effusion.\nImpression: No acute disease."
+# What the taught model says an image is, when report drafting asks (vlm/studies.py).
+STUDY_ANSWERS = {MODALITY_QUESTION: "X-ray.", REGION_QUESTION: "The chest."}
 TIMEOUT = 60
 
 
 def build_taught_checkpoint(tiny_config, folder: Path) -> Path:
-    """A tiny model taught two fixed replies (the untrained one only babbles whitespace), saved
+    """A tiny model taught fixed replies (the untrained one only babbles whitespace), saved
     as a checkpoint with its own LLM folder. Built once per session: later calls reuse it."""
     from vlm.checkpoint import save_checkpoint
     from vlm.model import MedVLM
@@ -42,6 +45,8 @@ def build_taught_checkpoint(tiny_config, folder: Path) -> Path:
         [{"role": "user", "content": "<image>\nIs the heart enlarged?"}, {"role": "assistant", "content": ANSWER},
          {"role": "user", "content": "And the pleura?"}, {"role": "assistant", "content": ANSWER}],
         [{"role": "user", "content": REPORT_PROMPT}, {"role": "assistant", "content": REPORT}],
+        *([{"role": "user", "content": VQA_PROMPT.format(question=q)}, {"role": "assistant", "content": a}]
+          for q, a in STUDY_ANSWERS.items()),
     ]
     encoded = [model.prompts.encode(c) for c in conversations]
     model.llm.requires_grad_(True)

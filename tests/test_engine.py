@@ -20,6 +20,7 @@ class SlowStream:
     """A fake generation: one token per `delay` seconds, or none until `gate` opens."""
 
     prompt_tokens = cached_tokens = 0  # what TextStream reports; a fake has no prompt
+    finish_reason = "length"  # it always runs to its budget
 
     def __init__(self, n: int, delay: float = 0.0, gate: threading.Event | None = None):
         self.n, self.delay, self.gate, self.num_tokens = n, delay, gate, 0
@@ -40,7 +41,7 @@ class SlowEngine(Engine):
         self.delay = 0.0
         self.streams: list[SlowStream] = []
 
-    def _stream(self, conversation, messages, images, gen):
+    def _stream(self, conversation, messages, images, gen, cancelled=None):
         stream = SlowStream(gen.max_new_tokens, self.delay, self.gate if not self.delay else None)
         self.streams.append(stream)
         return stream

@@ -111,6 +111,9 @@ class MedVLMConfig:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     max_length: int = 2048
     """Longest sequence (prompt + image tokens + answer) the model is used with."""
+    report_studies: tuple[str, ...] = ("x-ray chest",)
+    """Study types ("MODALITY REGION", see vlm/studies.py) the model was trained to draft reports
+    for; report drafting refuses other studies instead of inventing findings."""
 
     def validate(self) -> "MedVLMConfig":
         self.vision.validate()

@@ -137,12 +137,43 @@ def images_digest(pixel_values: torch.Tensor | None) -> str:
     return hashlib.sha1(pixel_values.detach().float().cpu().numpy().tobytes()).hexdigest()
 
 
+PREFILL_CHUNK = 512
+"""Prompt tokens fed to the LLM per forward pass. A longer prompt is prefilled in chunks, and a
+cancelled request stops between two chunks instead of holding the worker for the whole prompt.
+Eval prompts are far shorter, so their logits are computed exactly as in one pass."""
+
+
+def context_length(model) -> int:
+    """The most tokens (prompt + reply) the LLM was built for."""
+    return int(getattr(model.llm.config, "max_position_embeddings", None) or model.config.max_length)
+
+
+def check_fits(model, prompt_tokens: int, max_new_tokens: int) -> None:
+    """InputError when the prompt leaves no room for `max_new_tokens` in the model's context."""
+    limit = context_length(model)
+    if prompt_tokens + max_new_tokens > limit:
+        raise InputError(
+            f"The prompt is {prompt_tokens:,} tokens; with max_tokens {max_new_tokens:,} it exceeds the model's "
+            f"context of {limit:,} tokens. Shorten the conversation to at most {max(limit - max_new_tokens, 0):,} "
+            "prompt tokens, or ask for fewer new tokens.")
+
+
+def cache_bytes(past) -> int:
+    """Bytes held by a KV cache's tensors (0 for none)."""
+    total = 0
+    for layer in getattr(past, "layers", None) or []:
+        total += sum(t.numel() * t.element_size() for t in vars(layer).values() if isinstance(t, torch.Tensor))
+    return total
+
+
 @torch.no_grad()
-def decode_steps(model, batch: Batch, gen: GenerationConfig, session: ConversationCache | None = None) -> Iterator[torch.Tensor]:
+def decode_steps(model, batch: Batch, gen: GenerationConfig, session: ConversationCache | None = None,
+                 cancelled=None) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence, step by step, until all stop or the budget ends.
 
     A finished sequence keeps yielding the pad id; callers cut each sequence at its first stop token.
     With a `session` (one conversation), the prompt tokens it has cached are not computed again.
+    `cancelled()` (optional) is asked between prefill chunks: when it says yes, nothing is yielded.
     """
     if session is not None and (batch.input_ids.shape[0] != 1 or not gen.use_cache):
         raise ConfigError("a conversation cache serves one conversation with use_cache on.")
@@ -153,20 +184,27 @@ def decode_steps(model, batch: Batch, gen: GenerationConfig, session: Conversati
     reuse = session.reusable_length(ids[0].tolist(), model.image_token_id, key) if session else 0
     if session is not None:
         session.last_reused = reuse
-    if reuse:
-        # transformers 5: crop(-n) drops the last n cached tokens
-        session.past.crop(reuse - session.past.get_seq_length())
-        out = model(ids[:, reuse:], attention_mask=mask, position_ids=_positions(mask)[:, reuse:],
-                    past_key_values=session.past, use_cache=True)
-    else:
+    if not gen.use_cache:
         out = model(ids, attention_mask=mask, pixel_values=batch.pixel_values,
-                    position_ids=_positions(mask), use_cache=gen.use_cache)
+                    position_ids=_positions(mask), use_cache=False)
+    else:
+        past = None
+        if reuse:
+            past = session.past
+            past.crop(reuse - past.get_seq_length())  # transformers 5: crop(-n) drops the last n cached tokens
+        out = _prefill(model, ids, mask, None if reuse else batch.pixel_values, past, reuse, cancelled)
+        if out is None:
+            if session is not None:
+                session.update(ids[:, :0], None, "")  # a half-built cache serves nobody
+            return
     if session is not None:
         session.update(ids, out.past_key_values, key)
+    guard = _RepetitionGuard(gen, ids.shape[0])
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     for _ in range(gen.max_new_tokens):
-        token = _choose(out.logits[:, -1, :].float(), gen, generator)
+        token = _choose(guard(out.logits[:, -1, :].float()), gen, generator)
         token = token.masked_fill(finished, model.tokenizer.pad_token_id)
+        guard.add(token, finished)
         yield token
         finished |= torch.isin(token, stops)
         if bool(finished.all()):
@@ -182,6 +220,63 @@ def decode_steps(model, batch: Batch, gen: GenerationConfig, session: Conversati
         else:
             out = model(ids, attention_mask=mask, pixel_values=batch.pixel_values,
                         position_ids=_positions(mask), use_cache=False)
+
+
+def _prefill(model, ids, mask, pixel_values, past, start: int, cancelled):
+    """Feed prompt tokens `start:` (the images written in) in PREFILL_CHUNK pieces onto `past`;
+    the last piece's output, or None when `cancelled()` said stop between two pieces."""
+    embeds = model.embed(ids[:, start:], pixel_values)
+    positions = _positions(mask)
+    out = None
+    for lo in range(start, ids.shape[1], PREFILL_CHUNK):
+        if out is not None and cancelled is not None and cancelled():
+            return None
+        hi = min(lo + PREFILL_CHUNK, ids.shape[1])
+        out = model.llm(inputs_embeds=embeds[:, lo - start:hi - start], attention_mask=mask[:, :hi],
+                        position_ids=positions[:, lo:hi], past_key_values=past, use_cache=True)
+        past = out.past_key_values
+    return out
+
+
+class _RepetitionGuard:
+    """GenerationConfig's repetition_penalty and no_repeat_ngram_size over each row's reply so far
+    (the prompt is not counted: an answer may repeat the question's words)."""
+
+    def __init__(self, gen: GenerationConfig, rows: int):
+        self.penalty, self.n = gen.repetition_penalty, gen.no_repeat_ngram_size
+        self.replies: list[list[int]] = [[] for _ in range(rows)]
+
+    @property
+    def active(self) -> bool:
+        return self.penalty != 1.0 or self.n > 0
+
+    def add(self, token: torch.Tensor, finished: torch.Tensor) -> None:
+        if self.active:
+            for row, (t, done) in enumerate(zip(token.tolist(), finished.tolist())):
+                if not done:
+                    self.replies[row].append(t)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return logits
+        logits = logits.clone()
+        for row, reply in enumerate(self.replies):
+            if self.penalty != 1.0 and reply:
+                seen = torch.tensor(sorted(set(reply)), device=logits.device)
+                values = logits[row, seen]
+                logits[row, seen] = torch.where(values > 0, values / self.penalty, values * self.penalty)
+            banned = self._banned(reply)
+            if banned:
+                logits[row, sorted(banned)] = float("-inf")
+        return logits
+
+    def _banned(self, reply: list[int]) -> set[int]:
+        """Tokens that would complete an n-gram this reply already holds."""
+        n = self.n
+        if n <= 0 or len(reply) < n - 1:
+            return set()
+        tail = reply[len(reply) - n + 1:] if n > 1 else []
+        return {reply[i + n - 1] for i in range(len(reply) - n + 1) if reply[i:i + n - 1] == tail}
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
@@ -215,17 +310,37 @@ def generate_ids(model, batch: Batch, gen: GenerationConfig) -> list[list[int]]:
 def generate(model, messages_batch, images, gen: GenerationConfig = GenerationConfig()) -> list[str]:
     """Replies (text) to a batch of conversations, one list of PIL images per conversation."""
     batch = prepare(model, messages_batch, images)
-    return [model.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in generate_ids(model, batch, gen)]
+    texts = [model.tokenizer.decode(ids, skip_special_tokens=True) for ids in generate_ids(model, batch, gen)]
+    return [cut_at_stop_string(text, gen.stop)[0].strip() for text in texts]
+
+
+def cut_at_stop_string(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """`text` before the first of `stops`, and whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many trailing characters of `text` could be the start of a stop string."""
+    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
+               default=0)
 
 
 class TextStream:
-    """Text deltas of one reply as they are decoded; `num_tokens` counts the tokens so far."""
+    """Text deltas of one reply as they are decoded; `num_tokens` counts the tokens so far.
+
+    The reply ends at a stop token, at the first of `gen.stop` (cut before it; text that could be
+    the start of one is held back until it is not), or after `gen.max_new_tokens`; then
+    `finish_reason` is "stop" or "length". `cancelled()` is passed to decode_steps. A prompt that
+    leaves no room for the reply in the model's context is an InputError."""
 
     def __init__(self, model, messages: list[dict], images: list[Image.Image], gen: GenerationConfig = GenerationConfig(),
-                 session: ConversationCache | None = None):
-        self.model, self.gen, self.session = model, gen, session
+                 session: ConversationCache | None = None, cancelled=None):
+        self.model, self.gen, self.session, self.cancelled = model, gen, session, cancelled
         self.batch = prepare(model, [messages], [images])
+        check_fits(model, self.prompt_tokens, gen.max_new_tokens)
         self.num_tokens = 0
+        self.finish_reason: str | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -240,8 +355,10 @@ class TextStream:
         stops = stop_token_ids(self.model)
         ids: list[int] = []
         shown = ""
-        for token in decode_steps(self.model, self.batch, self.gen, self.session):
+        self.finish_reason = "length"
+        for token in decode_steps(self.model, self.batch, self.gen, self.session, self.cancelled):
             if int(token[0]) in stops:
+                self.finish_reason = "stop"
                 break
             ids.append(int(token[0]))
             self.num_tokens = len(ids)
@@ -249,9 +366,18 @@ class TextStream:
             # Hold back an incomplete multi-byte character until its last byte arrives.
             if text.endswith("\ufffd"):
                 continue
-            if len(text) > len(shown) and text.startswith(shown):
-                yield text[len(shown):]
-                shown = text
+            text, hit = cut_at_stop_string(text, self.gen.stop)
+            ready = text if hit else text[:len(text) - _held_back(text, self.gen.stop)]
+            if len(ready) > len(shown) and ready.startswith(shown):
+                yield ready[len(shown):]
+                shown = ready
+            if hit:
+                self.finish_reason = "stop"
+                return
+        text = cut_at_stop_string(self.model.tokenizer.decode(ids, skip_special_tokens=True), self.gen.stop)[0]
+        text = text.rstrip("\ufffd")  # an incomplete character at the budget's end stays unshown
+        if len(text) > len(shown) and text.startswith(shown):  # what was held back for a stop string
+            yield text[len(shown):]
 
 
 def stream(model, messages: list[dict], images: list[Image.Image], gen: GenerationConfig = GenerationConfig()) -> Iterator[str]:
