@@ -1,15 +1,25 @@
-"""OpenAI-compatible HTTP API: POST /v1/chat/completions, GET /v1/models, GET /health.
+"""OpenAI-compatible HTTP API: POST /v1/chat/completions, GET /v1/models, GET /v1/models/{id},
+GET /health. The body's parsing is serve/openai_schema.py; the Host, Content-Type, CORS and
+login-throttle middleware is serve/web_guard.py.
 
 Images travel inside the request as `data:` URLs (PNG, JPEG, or DICOM as
 `data:application/dicom;base64,...`). The server never fetches a URL and never reads a path
-on its own disk: any other URL is a 400. Every error is JSON `{"error": {"message", "type"}}`
-with a message a person can act on, never a traceback: bad input 400, bad credentials 401, too
-large a body 413, a full queue 503.
+on its own disk: any other URL is a 400. The engine decodes the bytes after it admitted the
+request. Every error is JSON `{"error": {"message", "type", "param", "code"}}` with a message a
+person can act on, never a traceback: bad input 400, bad credentials 401, an unknown model or
+route 404 (`model_not_found` for a model), a wrong method 405 (with Allow), too large a body
+413, a body that is not declared JSON 415, too many failed logins 429, a full queue 503 (with
+Retry-After).
 
-A request may name its conversation with the (non-OpenAI) field `conversation_id`; without
-one, requests carrying the same images share a conversation, so a client that resends the
-whole history with the same image (the usual OpenAI pattern) reuses that image's cached prefix.
-`usage.prompt_tokens_details.cached_tokens` says how many prompt tokens were reused.
+Conversations. A request without the (non-OpenAI) field `conversation_id` is a one-off: nothing
+is cached or shared, and `usage.prompt_tokens_details.cached_tokens` is 0. A request naming
+one reuses that conversation's cached prefix (its image is not encoded again when the client
+resends the history with it, the usual OpenAI pattern). Conversations are keyed by the
+authenticated user (with --auth) and the id, and only requests naming the same id reach the
+same cache: choose a random, secret id (e.g. a UUID), since anyone who knows it can learn
+from `cached_tokens` how much of a prompt it has already seen.
+
+Logs carry request ids, counts and sizes, never message text or images.
 """
 
 from __future__ import annotations
@@ -24,66 +34,46 @@ import logging
 import secrets
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve import web_guard
 from serve.engine import Engine, EngineBusy, Reply
-from vlm.errors import ConfigError, MedVLMError
-from vlm.generation import GenerationConfig
+from serve.logs import exception_summary
+from serve.openai_schema import (MAX_IMAGES, ApiError, ChatRequest, error_response, model_not_found, parse_json,
+                                 parse_request)
+from vlm.errors import MedVLMError
 
 log = logging.getLogger(__name__)
 
-MAX_IMAGES = 4
-MAX_NEW_TOKENS = 4096
-_IMAGE_TYPES = ("image/", "application/dicom", "application/octet-stream")
+BUSY_RETRY_AFTER_S = 1
+ROUTES = {"/v1/chat/completions": "POST", "/v1/models": "GET", "/health": "GET"}
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
-
-
-def error_response(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}},
-                        status_code=status, headers=headers)
-
-
-def create_api(engine: Engine, auth: tuple[str, str] | None = None, max_body_bytes: int | None = None) -> FastAPI:
+def create_api(engine: Engine, auth: tuple[str, str] | None = None, max_body_bytes: int | None = None,
+               allowed_hosts: list[str] | None = None) -> FastAPI:
     """The API app. `max_body_bytes` defaults to room for MAX_IMAGES images at the engine's
-    byte limit, base64-encoded, plus 1 MiB of text."""
+    byte limit, base64-encoded, plus 1 MiB of text. `allowed_hosts`: the Host header values
+    served (web_guard.HostGuard; None: the loopback names on any port). With `auth`, failed
+    logins are throttled per client address (web_guard.AuthThrottle)."""
     limit = max_body_bytes or engine.max_image_bytes * 4 // 3 * MAX_IMAGES + 2**20
     app = FastAPI(title="medvlm API", docs_url=None, redoc_url=None, openapi_url="/v1/openapi.json")
     app.state.engine = engine
+    _add_error_handlers(app)
+    web_guard.install(app, allowed_hosts, throttle_logins=auth is not None)
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request, e: ApiError):
-        headers = {"WWW-Authenticate": 'Basic realm="medvlm"'} if e.status == 401 else None
-        return error_response(e.status, e.message, e.kind, headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, e: StarletteHTTPException):
-        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return error_response(e.status_code, str(e.detail), kind)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request, e: RequestValidationError):
-        return error_response(400, "The request is not valid JSON of the expected shape.", "invalid_request_error")
-
-    @app.exception_handler(Exception)
-    async def _bug(request, e: Exception):
-        log.exception("unexpected error in %s", request.url.path)
-        return error_response(500, "Internal server error; see the server log.", "server_error")
-
-    def check_auth(request: Request) -> None:
-        if auth is not None and not _authorized(request.headers.get("authorization", ""), auth):
+    def user(request: Request) -> str:
+        """The authenticated user ('' without --auth), or a 401."""
+        if auth is None:
+            return ""
+        if not _authorized(request.headers.get("authorization", ""), auth):
             raise ApiError(401, "Missing or wrong credentials: send HTTP Basic auth or "
                                 "'Authorization: Bearer USER:PASS'.", "authentication_error")
+        return auth[0]
 
     @app.get("/health")
     async def health():
@@ -92,21 +82,64 @@ def create_api(engine: Engine, auth: tuple[str, str] | None = None, max_body_byt
 
     @app.get("/v1/models")
     async def models(request: Request):
-        check_auth(request)
-        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": 0, "owned_by": "medvlm"}]}
+        user(request)
+        return {"object": "list", "data": [_model_card(engine)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(request: Request, model_id: str):
+        user(request)
+        if model_id != engine.name:
+            raise model_not_found(model_id, engine.name)
+        return _model_card(engine)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        check_auth(request)
-        body = await _read_json(request, limit)
-        return await _complete(engine, request, body)
+        who = user(request)
+        body = parse_json(await _read_body(request, limit))
+        chat = parse_request(body, engine.model.config.image_marker, engine.name)
+        return await _complete(engine, request, chat, who)
 
-    @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
-    async def unknown(rest: str):
-        raise ApiError(404, f"No such API route: /v1/{rest}. Known: /v1/chat/completions, /v1/models.",
+    @app.api_route("/health", methods=["POST", "PUT", "DELETE", "PATCH", "OPTIONS"], include_in_schema=False)
+    @app.api_route("/v1/{rest:path}", methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"],
+                   include_in_schema=False)
+    async def other(request: Request):
+        path = request.url.path
+        allowed = ROUTES.get(path.rstrip("/")) or ("GET" if path.startswith("/v1/models/") else None)
+        if allowed:
+            raise ApiError(405, f"{request.method} is not allowed on {path}; use {allowed}.",
+                           headers={"Allow": allowed})
+        raise ApiError(404, f"No such API route: {path[:200]}. Known: /v1/chat/completions, /v1/models.",
                        "not_found_error")
 
     return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request, e: ApiError):
+        headers = dict(e.headers or {})
+        if e.status == 401:
+            headers["WWW-Authenticate"] = 'Basic realm="medvlm"'
+        return error_response(e.status, e.message, e.kind, e.param, e.code, headers or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return error_response(e.status_code, str(e.detail), kind, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, e: RequestValidationError):
+        return error_response(400, "The request is not valid JSON of the expected shape.", "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def _bug(request, e: Exception):
+        # The traceback's frames but not the exception's message, which may quote the request.
+        log.error("unexpected error in %s\n%s", web_guard.loggable_path(request.url.path), exception_summary(e))
+        return error_response(500, "Internal server error; see the server log.", "server_error")
+
+
+def _model_card(engine: Engine) -> dict:
+    return {"id": engine.name, "object": "model", "created": 0, "owned_by": "medvlm"}
 
 
 def _authorized(header: str, auth: tuple[str, str]) -> bool:
@@ -122,7 +155,7 @@ def _authorized(header: str, auth: tuple[str, str]) -> bool:
     return secrets.compare_digest(value.strip().encode(), expected.encode())
 
 
-async def _read_json(request: Request, limit: int) -> dict:
+async def _read_body(request: Request, limit: int) -> bytes:
     too_big = ApiError(413, f"The request body is larger than the limit of {limit / 2**20:,.1f} MB.",
                        "request_too_large")
     declared = request.headers.get("content-length")
@@ -134,34 +167,35 @@ async def _read_json(request: Request, limit: int) -> dict:
         if size > limit:
             raise too_big
         chunks.append(chunk)
-    try:
-        body = json.loads(b"".join(chunks))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ApiError(400, "The request body is not valid JSON.") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "The request body must be a JSON object.")
-    return body
+    return b"".join(chunks)
 
 
-async def _complete(engine: Engine, request: Request, body: dict):
-    marker = engine.model.config.image_marker
-    messages, blobs = parse_messages(body.get("messages"), marker)
-    gen = parse_generation(body)
-    stream = _typed(body, "stream", bool, False)
-    conversation_id = _conversation_id(body, blobs)
+def conversation_key(user: str, conversation_id: str | None) -> str | None:
+    """The engine's key for a client's conversation: by user and id (None stays a one-off).
+    The id is hashed, so that the engine's logs (which show a key's start) never hold it."""
+    if conversation_id is None:
+        return None
+    digest = hashlib.sha256(conversation_id.encode()).hexdigest()[:32]
+    return f"api-{user}-{digest}" if user else f"api-{digest}"
+
+
+async def _complete(engine: Engine, request: Request, chat: ChatRequest, user: str):
+    key = conversation_key(user, chat.conversation_id)
+    meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.name}
+    log.info("%s: %d messages, %d images (%d bytes), stream=%s, conversation %s", meta["id"][:17],
+             len(chat.messages), len(chat.images), sum(map(len, chat.images)), chat.stream, (key or "one-off")[:24])
     try:
-        images = await run_in_threadpool(lambda: [engine.load_image(b).to_pil() for b in blobs])
-        reply = engine.chat(conversation_id, messages, images, gen)
+        reply = engine.chat(key, chat.messages, chat.images, chat.gen)
     except EngineBusy as e:
-        raise ApiError(503, str(e), "server_busy") from None
+        raise ApiError(503, str(e), "server_busy", headers={"Retry-After": str(BUSY_RETRY_AFTER_S)}) from None
     except MedVLMError as e:
         raise ApiError(400, str(e)) from None
-    meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.name}
     deltas = reply.astream()
     with _generation_errors():  # wait for the first piece, so input errors still get a proper status
         first = await _unless_disconnected(request, anext(deltas, None))
-    if stream:
-        return StreamingResponse(_sse(reply, deltas, first, meta), media_type="text/event-stream",
+    if chat.stream:
+        return StreamingResponse(_sse(reply, deltas, first, meta, chat.include_usage),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     with _generation_errors():
         text = await _unless_disconnected(request, _rest(deltas, first))
@@ -204,11 +238,14 @@ async def _rest(deltas: AsyncIterator[str], first: str | None) -> str:
     return (first or "") + "".join([piece async for piece in deltas])
 
 
-async def _sse(reply: Reply, deltas: AsyncIterator[str], first: str | None, meta: dict) -> AsyncIterator[str]:
-    def chunk(delta: dict, finish: str | None = None, **extra) -> str:
-        payload = {**meta, "object": "chat.completion.chunk",
-                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
-        return f"data: {json.dumps(payload)}\n\n"
+async def _sse(reply: Reply, deltas: AsyncIterator[str], first: str | None, meta: dict,
+               include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent chunks; with `include_usage` the usage follows as its own chunk with no choices."""
+    def chunk(delta: dict, finish: str | None = None) -> str:
+        return event([{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}])
+
+    def event(choices: list, **extra) -> str:
+        return f"data: {json.dumps({**meta, 'object': 'chat.completion.chunk', 'choices': choices, **extra})}\n\n"
 
     try:
         yield chunk({"role": "assistant", "content": ""})
@@ -216,7 +253,9 @@ async def _sse(reply: Reply, deltas: AsyncIterator[str], first: str | None, meta
             yield chunk({"content": first})
         async for piece in deltas:
             yield chunk({"content": piece})
-        yield chunk({}, _finish(reply), usage=_usage(reply))
+        yield chunk({}, _finish(reply))
+        if include_usage:
+            yield event([], usage=_usage(reply))
     except MedVLMError as e:  # headers are sent: report in-band, as OpenAI does
         yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'invalid_request_error'}})}\n\n"
     except RuntimeError as e:
@@ -234,103 +273,3 @@ def _usage(reply: Reply) -> dict:
     return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
             "total_tokens": reply.prompt_tokens + reply.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": reply.cached_tokens}}
-
-
-def _conversation_id(body: dict, blobs: list[bytes]) -> str:
-    given = _typed(body, "conversation_id", str, None)
-    if given:
-        return f"api-{given[:128]}"
-    digest = hashlib.sha256()
-    for blob in blobs:
-        digest.update(hashlib.sha256(blob).digest())
-    return f"api-{digest.hexdigest()[:24]}"
-
-
-_KIND_NAMES = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}
-
-
-def _typed(body: dict, key: str, kind, default):
-    """body[key] if it has the JSON type `kind` (an int counts as a float, a bool as neither), else a 400."""
-    value = body.get(key, default)
-    if value is None:
-        return default
-    ok = isinstance(value, (int, float) if kind is float else kind)
-    if not ok or (kind in (int, float) and isinstance(value, bool)):
-        raise ApiError(400, f"'{key}' must be {_KIND_NAMES[kind]}.")
-    return value
-
-
-def parse_generation(body: dict) -> GenerationConfig:
-    if _typed(body, "n", int, 1) != 1:
-        raise ApiError(400, "Only n=1 is supported.")
-    max_tokens = _typed(body, "max_completion_tokens", int, None) or _typed(body, "max_tokens", int, 256)
-    if not 1 <= max_tokens <= MAX_NEW_TOKENS:
-        raise ApiError(400, f"'max_tokens' must be between 1 and {MAX_NEW_TOKENS}.")
-    temperature = _typed(body, "temperature", float, 0.0)
-    if not 0 <= temperature <= 2:
-        raise ApiError(400, "'temperature' must be between 0 and 2.")
-    try:
-        return GenerationConfig(max_new_tokens=max_tokens, temperature=float(temperature),
-                                top_p=float(_typed(body, "top_p", float, 1.0)), seed=_typed(body, "seed", int, None))
-    except ConfigError as e:
-        raise ApiError(400, str(e)) from None
-
-
-def parse_messages(raw: Any, marker: str) -> tuple[list[dict], list[bytes]]:
-    """OpenAI messages -> engine messages (text with one image marker per image) and the image bytes."""
-    if not isinstance(raw, list) or not raw:
-        raise ApiError(400, "'messages' must be a non-empty list.")
-    messages, blobs = [], []
-    for i, message in enumerate(raw):
-        role = message.get("role") if isinstance(message, dict) else None
-        if role not in ("system", "user", "assistant"):
-            raise ApiError(400, f"messages[{i}].role must be system, user or assistant.")
-        content = message.get("content")
-        if content is None and role == "assistant":
-            content = ""
-        if isinstance(content, str):
-            text = content.replace(marker, "")  # markers come from image parts only
-        elif isinstance(content, list):
-            text = _parts_text(content, i, marker, blobs)
-        else:
-            raise ApiError(400, f"messages[{i}].content must be a string or a list of parts.")
-        messages.append({"role": role, "content": text})
-    if len(blobs) > MAX_IMAGES:
-        raise ApiError(400, f"At most {MAX_IMAGES} images per request.")
-    return messages, blobs
-
-
-def _parts_text(parts: list, i: int, marker: str, blobs: list[bytes]) -> str:
-    pieces = []
-    for j, part in enumerate(parts):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            pieces.append(part["text"].replace(marker, ""))
-        elif kind == "image_url":
-            url = part.get("image_url")
-            url = url.get("url") if isinstance(url, dict) else url
-            blobs.append(decode_data_url(url, f"messages[{i}].content[{j}]"))
-            pieces.append(marker)
-        else:
-            raise ApiError(400, f"messages[{i}].content[{j}] must be a text or image_url part.")
-    return "\n".join(pieces)
-
-
-def decode_data_url(url: Any, where: str) -> bytes:
-    """The bytes of a base64 `data:` URL. Anything else (http, file, a path) is refused: the
-    server must not fetch from the network or read its own files on a client's behalf."""
-    if not isinstance(url, str) or not url.startswith("data:"):
-        raise ApiError(400, f"{where}: images must be sent inline as data: URLs "
-                            "(data:image/png;base64,... or data:application/dicom;base64,...); "
-                            "this server does not fetch URLs or read server files.")
-    header, comma, payload = url[5:].partition(",")
-    mime, *params = header.split(";")
-    if not comma or "base64" not in params:
-        raise ApiError(400, f"{where}: the data: URL must be base64-encoded (data:MIME;base64,...).")
-    if mime and not mime.lower().startswith(_IMAGE_TYPES):
-        raise ApiError(400, f"{where}: {mime!r} is not an image type; send PNG, JPEG or DICOM.")
-    try:
-        return base64.b64decode("".join(payload.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(400, f"{where}: the image data is not valid base64.") from None
-

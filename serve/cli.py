@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import secrets
 import socket
 import sys
@@ -13,6 +14,8 @@ from pathlib import Path
 from vlm.errors import ConfigError
 
 DEFAULT_PORT = 7860
+AUTH_ENV = "MEDVLM_AUTH"
+_WILDCARDS = ("0.0.0.0", "::", "")
 
 
 def add_commands(sub) -> None:
@@ -26,7 +29,14 @@ def add_commands(sub) -> None:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
     p.add_argument("--auth", metavar="USER:PASS", default=None,
                    help="require this login for the UI, and HTTP Basic or 'Authorization: Bearer USER:PASS' "
-                        "for the API")
+                        "for the API. A password on the command line is visible to other users of this machine "
+                        f"(ps): prefer --auth-file or the {AUTH_ENV} environment variable")
+    p.add_argument("--auth-file", metavar="PATH", default=None,
+                   help="read the login (one line USER:PASS) from this file instead")
+    p.add_argument("--allowed-hosts", metavar="NAME[:PORT],...", default=None,
+                   help="Host header names served besides 127.0.0.1, localhost and [::1] on --port and --host "
+                        "(comma-separated; NAME alone allows any port; * allows any host). Others get 400 "
+                        "'Host not allowed' (a guard against DNS rebinding)")
     p.add_argument("--concurrency", type=int, default=1,
                    help="generations run at once (default: 1; a conversation's cache is not shared between decodes)")
     p.add_argument("--queue-size", type=int, default=16,
@@ -38,13 +48,51 @@ def add_commands(sub) -> None:
     p.set_defaults(run=run_serve)
 
 
-def parse_auth(text: str | None) -> tuple[str, str] | None:
+def parse_auth(text: str | None, where: str = "--auth") -> tuple[str, str] | None:
     if text is None:
         return None
     user, sep, password = text.partition(":")
     if not (sep and user and password):
-        raise ConfigError("--auth must be USER:PASS, both non-empty.")
+        raise ConfigError(f"{where} must be USER:PASS, both non-empty.")
     return user, password
+
+
+def resolve_auth(args: argparse.Namespace, environ=os.environ) -> tuple[str, str] | None:
+    """The login from --auth, else --auth-file (its first line), else $MEDVLM_AUTH; None for none."""
+    auth_file = getattr(args, "auth_file", None)
+    if args.auth is not None and auth_file is not None:
+        raise ConfigError("give either --auth or --auth-file, not both.")
+    if auth_file is not None:
+        try:
+            lines = Path(auth_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            reason = getattr(e, "strerror", None) or "not UTF-8 text"
+            raise ConfigError(f"--auth-file {auth_file}: cannot read it ({reason}).") from None
+        return parse_auth(lines[0] if lines else "", f"the first line of --auth-file {auth_file}")
+    if args.auth is not None:
+        return parse_auth(args.auth)
+    return parse_auth(environ.get(AUTH_ENV) or None, AUTH_ENV)
+
+
+def allowed_hosts(host: str, port: int, extra: str | None = None) -> list[str]:
+    """The Host header values the server answers: the loopback names and --host on --port, and --allowed-hosts."""
+    from serve.web_guard import LOOPBACK_NAMES, host_entry
+
+    hosts = [host_entry(name, port) for name in LOOPBACK_NAMES]
+    if host not in _WILDCARDS:
+        hosts.append(host_entry(host, port))
+    for entry in filter(None, (e.strip() for e in (extra or "").split(","))):
+        if not _host_entry_ok(entry):
+            raise ConfigError(f"--allowed-hosts: {entry!r} is not NAME, NAME:PORT or *.")
+        hosts.append(entry)
+    return hosts
+
+
+def _host_entry_ok(entry: str) -> bool:
+    if entry == "*" or (entry.count(":") > 1 and not entry.startswith("[")):  # any, or a bare IPv6 address
+        return True
+    name, sep, port = entry.rpartition(":") if not entry.endswith("]") else (entry, "", "")
+    return not sep or (bool(name) and port.isdigit() and 0 < int(port) < 65536)
 
 
 def check_options(args: argparse.Namespace) -> None:
@@ -76,24 +124,31 @@ def build_server(args: argparse.Namespace):
     from vlm.cli import load_model_from_args
 
     check_options(args)
-    auth = parse_auth(args.auth)
+    auth = resolve_auth(args)
+    hosts = allowed_hosts(args.host, args.port, getattr(args, "allowed_hosts", None))
     check_port_free(args.host, args.port)  # before the (slow) model load
     if auth is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"medvlm: warning: serving on {args.host} without --auth: anyone who can reach this "
               "machine can use it.", file=sys.stderr)
+    if args.host in _WILDCARDS and not getattr(args, "allowed_hosts", None):
+        print("medvlm: note: only requests addressed to 127.0.0.1, localhost or [::1] are answered; give "
+              "--allowed-hosts NAME for the name or address other machines use.", file=sys.stderr)
     print(f"medvlm: loading model {args.model} ...", file=sys.stderr, flush=True)
     model = load_model_from_args(args)
     engine = Engine(model, concurrency=args.concurrency, queue_size=args.queue_size,
                     max_image_bytes=int(args.max_image_mb * 2**20), name=Path(args.model).name or args.model)
-    app = build_app(engine, auth=auth)
+    app = build_app(engine, auth=auth, allowed_hosts=hosts)
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     url = f"http://{shown}:{args.port}/"
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+    # log_config=None: uvicorn's loggers propagate to the redacting root handler (serve/logs.py).
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", log_config=None))
     return server, engine, url
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from serve.logs import configure_logging
+
+    configure_logging(logging.INFO)
     server, engine, url = build_server(args)
     if args.share:
         _share_when_started(server, args.port)

@@ -92,16 +92,19 @@ def test_api_answers_plain_and_streamed_in_the_openai_schema(served):
     assert usage["completion_tokens"] > 0
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
-    with httpx.stream("POST", served.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=TIMEOUT) as r:
+    streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", served.url + "/v1/chat/completions", json=streamed, timeout=TIMEOUT) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in r.iter_lines() if line]
     assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
     chunks = [json.loads(line[6:]) for line in lines[:-1]]
     assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
+    *chunks, usage_chunk = chunks  # asked for: the usage comes last, as a chunk of its own with no choices
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] > 0
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == ANSWER
     assert len(chunks) > 3, "the reply arrives token by token"
-    assert chunks[-1]["choices"][0]["finish_reason"] == "stop" and chunks[-1]["usage"]["completion_tokens"] > 0
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop" and "usage" not in chunks[-1]
 
 
 def test_api_lists_models_and_health(served):
@@ -114,11 +117,12 @@ def test_follow_up_turn_reuses_the_cached_image_prefix(served):
     url = data_url(png_bytes(2))
     first = [image_message("Is the heart enlarged?", url)]
     before = len(served.vision_calls)
-    r1 = post(served, {"messages": first, "max_tokens": 16}).json()
+    conversation = "c8a1f0e2-follow-up"  # a client's own conversation: only requests naming it share its cache
+    r1 = post(served, {"messages": first, "max_tokens": 16, "conversation_id": conversation}).json()
     assert len(served.vision_calls) == before + 1
     follow = first + [{"role": "assistant", "content": r1["choices"][0]["message"]["content"]},
                       {"role": "user", "content": "And the pleura?"}]
-    r2 = post(served, {"messages": follow, "max_tokens": 16}).json()
+    r2 = post(served, {"messages": follow, "max_tokens": 16, "conversation_id": conversation}).json()
     assert r2["choices"][0]["message"]["content"] == ANSWER
     cached = r2["usage"]["prompt_tokens_details"]["cached_tokens"]
     assert cached >= r1["usage"]["prompt_tokens"], "the whole first turn, image included, is reused"
@@ -164,9 +168,10 @@ def test_api_limits_the_request_size(served):
     assert r.status_code == 413 and "larger than the limit" in r.json()["error"]["message"]
     # No Content-Length (chunked): counted while reading.
     chunks = (b"x" * 2**20 for _ in range(3))
-    r = httpx.post(served.url + "/v1/chat/completions", content=chunks, timeout=TIMEOUT)
+    json_type = {"Content-Type": "application/json"}
+    r = httpx.post(served.url + "/v1/chat/completions", content=chunks, headers=json_type, timeout=TIMEOUT)
     assert r.status_code == 413
-    r = httpx.post(served.url + "/v1/chat/completions", content=b"{not json", timeout=TIMEOUT)
+    r = httpx.post(served.url + "/v1/chat/completions", content=b"{not json", headers=json_type, timeout=TIMEOUT)
     assert r.status_code == 400 and r.json()["error"]["message"] == "The request body is not valid JSON."
     assert httpx.get(served.url + "/v1/nothing", timeout=TIMEOUT).json()["error"]["type"] == "not_found_error"
 
