@@ -1,8 +1,10 @@
 """Read PNG, JPEG and DICOM into display-ready 8-bit pixels for the vision tower.
 
 Every problem a user can cause raises InputError with a sentence a clinician can act on. DICOM
-metadata is a whitelist, and identifying tags are never even accessed (pydicom converts, and may
-warn about, an element only when it is read), so they reach neither the result nor any log.
+reading, its memory bounds and its metadata whitelist live in vlm.dicom; this module turns decoded
+values into display pixels (modality LUT, VOI LUT or window, MONOCHROME1). Identifying tags are
+never even accessed (pydicom converts, and may warn about, an element only when it is read), so
+they reach neither the result nor any log.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import io
 import logging
 import math
 import os
-import re
 import struct
 import warnings
 from dataclasses import dataclass, field
@@ -19,14 +20,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-import pydicom
 from PIL import Image, ImageOps, UnidentifiedImageError
-from pydicom.dataset import FileMetaDataset
-from pydicom.multival import MultiValue
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
-from pydicom.pixels.utils import get_expected_length
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
+from vlm.dicom import NOT_AN_IMAGE, check_size, dicom_metadata, frame_attr, frame_number, read_dicom
+from vlm.dicom_terms import PHOTOMETRICS, known_term
 from vlm.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -37,18 +35,12 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
     "bone": (400.0, 1800.0), "brain": (40.0, 80.0),
 }
 
-_NOT_AN_IMAGE = "This file is not a PNG, JPEG or DICOM image."
-_TRUNCATED = "The DICOM file is truncated or its pixel data is incomplete."
-_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-# The Pixel Data tag (7FE0,0010) as stored little- and big-endian: finding it in a file whose
-# parsed dataset lacks pixel data means the file was cut inside that element.
-_PIXEL_TAG_BYTES = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")
 # DICOM without the 128-byte preamble starts with a group 0002 or 0008 tag (either byte order).
 _BARE_DICOM_STARTS = (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
 _DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 _AUTO_PERCENTILES = (0.5, 99.5)
 _AUTO_SAMPLE = 1_000_000  # percentiles of a strided sample: the same window in a fraction of the time
-_CODE_CHARS = re.compile(r"[^A-Z0-9 _]")
+_CHUNK = 2**20  # values mapped to uint8 at a time: float temporaries stay a few MB whatever the image
 
 
 @dataclass
@@ -76,13 +68,13 @@ def load_image(source: str | os.PathLike | bytes | BinaryIO, *, window: str | tu
     chosen = _resolve_window(window) if window is not None else None
     data, name = _read_source(source, max_bytes)
     if data[128:132] == b"DICM":
-        return _load_dicom(data, chosen, frame, max_pixels, bare=False)
+        return _load_dicom(data, chosen, frame, max_pixels, max_bytes, bare=False)
     raster = _open_raster(data, max_pixels)
     if raster is not None:
         return _load_raster(raster, frame)
     if name.lower().endswith(_DICOM_SUFFIXES) or data[:2] in _BARE_DICOM_STARTS:
-        return _load_dicom(data, chosen, frame, max_pixels, bare=True)
-    raise InputError(_NOT_AN_IMAGE)
+        return _load_dicom(data, chosen, frame, max_pixels, max_bytes, bare=True)
+    raise InputError(NOT_AN_IMAGE)
 
 
 def describe_metadata(meta: dict) -> str:
@@ -147,18 +139,10 @@ def _check_bytes(size: int, max_bytes: int) -> None:
         raise InputError(f"The file is {size / 2**20:,.1f} MB; the limit is {max_bytes / 2**20:,.1f} MB.")
 
 
-def _check_size(width: int, height: int, max_pixels: int, frames: int = 1) -> None:
-    if width <= 0 or height <= 0:
-        raise InputError("The image has no pixels (its width or height is zero).")
-    if width * height * frames > max_pixels:
-        extra = f" x {frames} frames" if frames > 1 else ""
-        raise InputError(f"The image is {width}x{height} pixels{extra}; the limit is {max_pixels:,} pixels.")
-
-
 def _open_raster(data: bytes, max_pixels: int) -> Image.Image | None:
     """Open a PNG or JPEG lazily (header only) and check its size; None if it is neither."""
     if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
-        _check_size(*struct.unpack(">II", data[16:24]), max_pixels)  # IHDR: name a bomb's size exactly
+        check_size(*struct.unpack(">II", data[16:24]), max_pixels)  # IHDR: name a bomb's size exactly
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -169,7 +153,7 @@ def _open_raster(data: bytes, max_pixels: int) -> Image.Image | None:
         raise InputError(f"The image is too large to decode safely; the limit is {max_pixels:,} pixels.") from e
     except Exception as e:  # Pillow raises many types for a damaged header
         raise InputError("The PNG or JPEG file is damaged and cannot be read.") from e
-    _check_size(*img.size, max_pixels)
+    check_size(*img.size, max_pixels)
     return img
 
 
@@ -195,7 +179,7 @@ def _raster_pixels(img: Image.Image) -> tuple[np.ndarray, int]:
     """Map any PIL mode to uint8 grey or RGB; return the pixels and the source bit depth."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         # 16-bit medical PNGs often hold 10-12 bit data: stretch the actual range, not 0..65535.
-        pixels, _ = _auto_window(np.asarray(img, dtype=np.float64))
+        pixels, _ = _auto_window(np.asarray(img))  # in its own dtype: no full-size float copy
         return pixels, 16 if img.mode.startswith("I;16") else 32
     if img.mode in ("1", "L", "LA", "La"):
         return np.array(img.convert("L")), 1 if img.mode == "1" else 8
@@ -205,71 +189,17 @@ def _raster_pixels(img: Image.Image) -> tuple[np.ndarray, int]:
     return rgb, 8
 
 
-def _load_dicom(data: bytes, chosen, frame: int | None, max_pixels: int, *, bare: bool) -> MedicalImage:
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    except Exception as e:  # pydicom raises many types for damaged files
-        raise InputError(_NOT_AN_IMAGE if bare else "The DICOM file is damaged and cannot be read.") from e
-    # force=True "reads" almost anything; a DICOM image has these groups. keys(), not iteration:
-    # iterating would convert every element, identifying ones included.
-    if bare and not any(tag.group in (0x0008, 0x0028, 0x7FE0) for tag in ds.keys()):  # noqa: SIM118
-        raise InputError(_NOT_AN_IMAGE)
-    rows, cols, frames = _dicom_geometry(ds, data, max_pixels)
-    if frame is not None and not (isinstance(frame, (int, np.integer)) and 0 <= frame < frames):
-        valid = "0" if frames == 1 else f"0 to {frames - 1}"
-        raise InputError(f"Frame {frame} does not exist; this image has {frames} frame(s), numbered {valid}.")
-    index = frames // 2 if frame is None else frame
-    _check_decodable(ds)
-    try:
-        arr = pixel_array(ds, index=index if frames > 1 else None)  # one frame; YBR becomes RGB
-    except Exception as e:
-        log.info("DICOM pixel data could not be decoded (%s)", type(e).__name__)
-        raise InputError("The DICOM pixel data is damaged or incomplete and cannot be decoded.") from e
-    pixels, used = _dicom_display(arr, ds, index, chosen)
-    meta = _dicom_metadata(ds, rows, cols, frames, index) | used
+def _load_dicom(data: bytes, chosen, frame: int | None, max_pixels: int, max_bytes: int, *,
+                bare: bool) -> MedicalImage:
+    f = read_dicom(data, frame, max_pixels, max_bytes, bare=bare)
+    pixels, used = _dicom_display(f.values, f.ds, f.index, chosen)
+    if pixels.shape not in ((f.rows, f.cols), (f.rows, f.cols, 3)):  # e.g. a palette table of odd shape
+        raise InputError("The DICOM image could not be shown as a grey or colour image of the size its header "
+                         "declares.")
+    meta = dicom_metadata(f.ds, f.rows, f.cols, f.num_frames, f.index) | used
     log.debug("Loaded a DICOM %s image of %dx%d pixels, frame %d of %d, window %s",
-              meta["modality"] or "", cols, rows, index + 1, frames, meta["window"])
-    return MedicalImage(pixels=pixels, metadata=meta, num_frames=frames, frame=index)
-
-
-def _dicom_geometry(ds, data: bytes, max_pixels: int) -> tuple[int, int, int]:
-    """Check that the header describes an image of acceptable size, before any decoding."""
-    if not any(k in ds for k in _PIXEL_KEYWORDS):
-        if any(tag in data for tag in _PIXEL_TAG_BYTES):
-            raise InputError(_TRUNCATED)
-        raise InputError("This DICOM file has no image (pixel data) in it.")
-    try:
-        rows, cols, raw_frames = int(ds.Rows), int(ds.Columns), ds.get("NumberOfFrames")
-        frames = max(int(raw_frames), 1) if raw_frames not in (None, "") else 1
-    except (AttributeError, TypeError, ValueError) as e:
-        raise InputError("The DICOM image description is incomplete or invalid (rows, columns or frames).") from e
-    _check_size(cols, rows, max_pixels, frames)
-    return rows, cols, frames
-
-
-def _check_decodable(ds) -> None:
-    """Fail early, and readably, on a compression we cannot decode or a short native file."""
-    meta = ds.file_meta if hasattr(ds, "file_meta") else FileMetaDataset()
-    if meta.get("TransferSyntaxUID") is None:  # no file meta: use the byte order pydicom detected
-        implicit, little = ds.original_encoding
-        meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else (
-            ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
-        ds.file_meta = meta
-    ts = UID(str(meta.TransferSyntaxUID))
-    try:
-        available = get_decoder(ts).is_available
-    except NotImplementedError:
-        available = False
-    if not available:
-        raise InputError(f"The DICOM transfer syntax {ts} ({ts.name}) cannot be decoded here.")
-    if ts.is_encapsulated or "PixelData" not in ds:
-        return
-    try:
-        short = len(ds.PixelData) < get_expected_length(ds)
-    except Exception as e:  # inconsistent group 0028 values
-        raise InputError("The DICOM image description is incomplete or invalid.") from e
-    if short:
-        raise InputError(_TRUNCATED)
+              meta["modality"] or "", f.cols, f.rows, f.index + 1, f.num_frames, meta["window"])
+    return MedicalImage(pixels=pixels, metadata=meta, num_frames=f.num_frames, frame=f.index)
 
 
 def _dicom_display(arr: np.ndarray, ds, index: int, chosen) -> tuple[np.ndarray, dict]:
@@ -284,33 +214,12 @@ def _dicom_display(arr: np.ndarray, ds, index: int, chosen) -> tuple[np.ndarray,
     except Exception as e:
         raise InputError("The colour data of this DICOM image is invalid.") from e
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise InputError(f"The DICOM colour model {_code(photometric)} is not supported.")
+        name = known_term(photometric, PHOTOMETRICS)  # never echo free text from the file
+        raise InputError(f"The DICOM colour model {name or '(not a DICOM term)'} is not supported.")
     pixels, used = _grey_window(_modality(arr, ds, index), ds, index, chosen)
     if photometric == "MONOCHROME1":  # low values are white in MONOCHROME1
         pixels = 255 - pixels
     return pixels, used
-
-
-def _frame_attr(ds, index: int, sequence: str, keyword: str):
-    """An attribute of this frame: per-frame functional group, shared group, then top level."""
-    for groups, i in (("PerFrameFunctionalGroupsSequence", index), ("SharedFunctionalGroupsSequence", 0)):
-        try:
-            value = ds[groups][i][sequence][0].get(keyword)
-        except (KeyError, IndexError, TypeError):
-            continue
-        if value is not None:
-            return value
-    return ds.get(keyword)
-
-
-def _frame_number(ds, index: int, sequence: str, keyword: str) -> float | None:
-    """The (first) numeric value of a frame attribute; None if absent or not a finite number."""
-    value = _frame_attr(ds, index, sequence, keyword)
-    try:
-        number = float(value[0] if isinstance(value, (list, tuple, MultiValue)) else value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    return number if math.isfinite(number) else None
 
 
 def _modality(arr: np.ndarray, ds, index: int) -> np.ndarray:
@@ -322,7 +231,7 @@ def _modality(arr: np.ndarray, ds, index: int) -> np.ndarray:
             log.info("Ignoring an invalid modality LUT or rescale")
             return arr.astype(np.float64)
     # Enhanced multi-frame objects keep the rescale in their functional groups.
-    slope, intercept = (_frame_number(ds, index, "PixelValueTransformationSequence", k)
+    slope, intercept = (frame_number(ds, index, "PixelValueTransformationSequence", k)
                         for k in ("RescaleSlope", "RescaleIntercept"))
     return arr.astype(np.float64) * (1.0 if slope is None else slope) + (intercept or 0.0)
 
@@ -341,9 +250,9 @@ def _grey_window(values: np.ndarray, ds, index: int, chosen) -> tuple[np.ndarray
             return _to_uint8(out, float(table.min()), float(table.max())), {"window": "VOI LUT from file"}
         except Exception:
             log.info("Ignoring an invalid VOI LUT")
-    center, width = (_frame_number(ds, index, "FrameVOILUTSequence", k) for k in ("WindowCenter", "WindowWidth"))
+    center, width = (frame_number(ds, index, "FrameVOILUTSequence", k) for k in ("WindowCenter", "WindowWidth"))
     if center is not None and width is not None and width > 0:
-        function = str(_frame_attr(ds, index, "FrameVOILUTSequence", "VOILUTFunction") or "LINEAR").upper()
+        function = str(frame_attr(ds, index, "FrameVOILUTSequence", "VOILUTFunction") or "LINEAR").upper()
         used = {"window": "from file", "window_center": center, "window_width": width}
         return _linear(values, center, width, function), used
     pixels, (center, width) = _auto_window(values)
@@ -367,7 +276,7 @@ def _linear(values: np.ndarray, center: float, width: float, function: str = "LI
 def _auto_window(values: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
     """Stretch the 0.5-99.5 percentile range, so outliers (e.g. CT padding) do not flatten it."""
     flat = values.ravel()
-    sample = flat[:: max(1, flat.size // _AUTO_SAMPLE)]
+    sample = flat[:: max(1, flat.size // _AUTO_SAMPLE)].astype(np.float64)
     sample = sample[np.isfinite(sample)]
     if sample.size == 0:
         return np.zeros(values.shape, dtype=np.uint8), (0.0, 0.0)
@@ -378,35 +287,14 @@ def _auto_window(values: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
 
 
 def _to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Map [low, high] linearly to 0..255; NaN becomes 0, everything else is clipped."""
-    values = np.asarray(values, dtype=np.float64)
+    """Map [low, high] linearly to 0..255; NaN becomes 0, everything else is clipped. Done in
+    chunks, so the float64 arithmetic costs a few MB instead of several copies of the image."""
+    values = np.ascontiguousarray(values)
+    out = np.zeros(values.shape, dtype=np.uint8)
     if high <= low:
-        return np.zeros(values.shape, dtype=np.uint8)
-    scaled = (values - low) * (255.0 / (high - low))
-    return np.rint(np.clip(np.nan_to_num(scaled, nan=0.0), 0.0, 255.0)).astype(np.uint8)
-
-
-def _code(value) -> str | None:
-    """A DICOM code string reduced to its legal characters, so no free text can slip through."""
-    text = _CODE_CHARS.sub("", str(value).upper()).strip()[:16] if value is not None else ""
-    return text or None
-
-
-def _dicom_metadata(ds, rows: int, cols: int, frames: int, index: int) -> dict:
-    """A whitelist of non-identifying attributes; nothing else in the file is ever read."""
-    spacing = None
-    for value in (_frame_attr(ds, index, "PixelMeasuresSequence", "PixelSpacing"), ds.get("ImagerPixelSpacing")):
-        try:
-            spacing = [round(float(v), 4) for v in value]
-        except (TypeError, ValueError):
-            continue
-        if len(spacing) == 2 and min(spacing) > 0 and math.isfinite(sum(spacing)):
-            break
-        spacing = None
-    bits = ds.get("BitsStored")
-    return {
-        "format": "DICOM", "modality": _code(ds.get("Modality")), "body_part": _code(ds.get("BodyPartExamined")),
-        "view": _code(ds.get("ViewPosition")), "photometric": _code(ds.get("PhotometricInterpretation")),
-        "rows": rows, "columns": cols, "size": [cols, rows], "num_frames": frames, "frame": index,
-        "pixel_spacing": spacing, "bits_stored": bits if isinstance(bits, int) else None, "window": None,
-    }
+        return out
+    flat, dest, factor = values.reshape(-1), out.reshape(-1), 255.0 / (high - low)
+    for start in range(0, flat.size, _CHUNK):
+        scaled = (flat[start:start + _CHUNK].astype(np.float64) - low) * factor
+        dest[start:start + _CHUNK] = np.rint(np.clip(np.nan_to_num(scaled, nan=0.0), 0.0, 255.0))
+    return out
