@@ -64,7 +64,8 @@ def create_api(engine: Engine, auth: tuple[str, str] | None = None, max_body_byt
     app = FastAPI(title="medvlm API", docs_url=None, redoc_url=None, openapi_url="/v1/openapi.json")
     app.state.engine = engine
     _add_error_handlers(app)
-    web_guard.install(app, allowed_hosts, throttle_logins=auth is not None)
+    web_guard.install(app, allowed_hosts, throttle_logins=auth is not None,
+                      json_paths=tuple(path for path, method in ROUTES.items() if method == "POST"))
 
     def user(request: Request) -> str:
         """The authenticated user ('' without --auth), or a 401."""

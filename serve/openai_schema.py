@@ -172,8 +172,9 @@ def parse_generation(body: dict) -> GenerationConfig:
     given = {"repetition_penalty": _typed(body, "repetition_penalty", float, None),
              "no_repeat_ngram_size": _typed(body, "no_repeat_ngram_size", int, None)}
     try:
-        gen = GenerationConfig(max_new_tokens=max_tokens, temperature=temperature, seed=_typed(body, "seed", int, None),
-                               top_p=_typed(body, "top_p", float, 1.0), stop=parse_stop(body.get("stop")))
+        gen = GenerationConfig(max_new_tokens=max_tokens, temperature=temperature,
+                               top_p=_typed(body, "top_p", float, 1.0), seed=_typed(body, "seed", int, None),
+                               stop=parse_stop(body.get("stop")))
         return dataclasses.replace(gen.guarded(), **{k: v for k, v in given.items() if v is not None})
     except ConfigError as e:
         raise ApiError(400, str(e)) from None

@@ -4,8 +4,9 @@
   name is re-pointed at 127.0.0.1 would otherwise be same-origin with it). By default the
   loopback names 127.0.0.1, localhost and [::1] on any port; `medvlm serve` narrows that to its
   own port plus its --host and widens it with --allowed-hosts (`*` allows any). Refused: 400.
-- `JsonOnly`: POST /v1/... must say `Content-Type: application/json` (415 otherwise). A form or
-  text/plain POST is what a foreign page can send without a CORS preflight.
+- `JsonOnly`: a POST to the API (/v1/chat/completions) must say `Content-Type: application/json`
+  (415 otherwise). A form or text/plain POST is what a foreign page can send without a CORS
+  preflight.
 - CORS: no cross-origin reads at all. Starlette's `CORSMiddleware` with no allowed origins on
   the parent app also turns off Gradio's own, which would echo any origin with credentials when
   the server is reached by a non-loopback name, and any loopback origin (another port) otherwise.
@@ -85,7 +86,7 @@ class HostGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket") and not self.allows(Headers(scope=scope).get("host"),
                                                                       scope.get("scheme", "http")):
-            log.warning("refused a request to %s: its Host header is not allowed", loggable_path(scope.get("path", "")))
+            log.warning("refused a request to %s: Host not allowed", loggable_path(scope.get("path", "")))
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})
                 return
@@ -98,13 +99,14 @@ class HostGuard:
 
 
 class JsonOnly:
-    """POST /v1/...: Content-Type must be application/json (415 otherwise)."""
+    """POST to one of `paths` (the API's POST routes): Content-Type must be application/json
+    (415 otherwise). Other paths are left to the router (404, or 405 for a wrong method)."""
 
-    def __init__(self, app: ASGIApp):
-        self.app = app
+    def __init__(self, app: ASGIApp, paths: tuple[str, ...]):
+        self.app, self.paths = app, {p.rstrip("/") for p in paths}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].rstrip("/") in self.paths:
             media = Headers(scope=scope).get("content-type", "").partition(";")[0].strip().lower()
             if media != "application/json":
                 response = error_response(415, "The request body must be JSON, sent with "
@@ -154,7 +156,7 @@ class AuthThrottle:
         address = (scope.get("client") or ("unknown",))[0]
         wait = self.retry_after(address)
         if wait:
-            log.warning("refused a login attempt on %s: too many failures from one address", loggable_path(scope["path"]))
+            log.warning("refused a login attempt on %s: too many failures", loggable_path(scope["path"]))
             response = error_response(429, f"Too many failed logins from this address; try again in {wait} s.",
                                       "rate_limit_error", code="too_many_failed_logins",
                                       headers={"Retry-After": str(wait)})
@@ -169,9 +171,9 @@ class AuthThrottle:
         await self.app(scope, receive, watch)
 
 
-def install(app, allowed_hosts: list[str] | None, throttle_logins: bool) -> None:
+def install(app, allowed_hosts: list[str] | None, throttle_logins: bool, json_paths: tuple[str, ...]) -> None:
     """Add the guards to a Starlette/FastAPI app (the last added runs first: the Host check)."""
-    app.add_middleware(JsonOnly)
+    app.add_middleware(JsonOnly, paths=json_paths)
     app.add_middleware(CORSMiddleware, allow_origins=())
     if throttle_logins:
         app.add_middleware(AuthThrottle)
