@@ -43,8 +43,10 @@ def build_app(engine: Engine, auth: tuple[str, str] | None = None, max_body_byte
     app = create_api(engine, auth=auth, max_body_bytes=max_body_bytes)
     quiet_gradio_tracebacks()
     # Gradio keeps uploads in GRADIO_TEMP_DIR, read when the Blocks and its routes are made.
-    os.environ["GRADIO_TEMP_DIR"] = str(private_folder("uploads"))
-    blocks = build_ui(engine)
+    uploads = private_folder("uploads")
+    os.environ["GRADIO_TEMP_DIR"] = str(uploads)
+    app.state.ui = Handlers(engine, uploads)
+    blocks = build_ui(engine, app.state.ui)
     # The UI's heavy events share the engine's concurrency; Gradio's queue shows waiting users
     # their position, and past `queue_size` it refuses with its own "queue is full" message.
     blocks.queue(max_size=engine.queue_size, default_concurrency_limit=4)
@@ -222,8 +224,8 @@ class Handlers:
         return gr.update(value=str(path), interactive=True)
 
 
-def build_ui(engine: Engine) -> gr.Blocks:
-    h = Handlers(engine, Path(os.environ.get("GRADIO_TEMP_DIR") or private_folder("uploads")))
+def build_ui(engine: Engine, handlers: Handlers | None = None) -> gr.Blocks:
+    h = handlers or Handlers(engine, private_folder("uploads"))
     # Uploaded files can be patient images: Gradio's cache of them is purged hourly.
     # No analytics: a clinical tool does not report its use to third parties.
     with gr.Blocks(title="medvlm", delete_cache=(3600, 3600), analytics_enabled=False) as blocks:
