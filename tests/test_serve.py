@@ -201,7 +201,15 @@ def test_ui_chats_about_a_png_and_a_dicom_and_drafts_a_report(served, client, tm
     assert [m["content"][0]["text"] for m in history[1::2]] == [ANSWER, ANSWER]
     assert len(served.vision_calls) == calls + 1, "the follow-up reuses the encoded image"
 
-    findings, impression = client.predict(dicom, "bone", 0, 64, api_name="/draft_report")
+    # A CT is not what the model reports on: the draft says what the study is, and no findings.
+    study, findings, impression = client.predict(dicom, "bone", 0, 64, api_name="/draft_report")
+    assert study == "CT of an unidentified region (from the DICOM header)"
+    assert "trained to draft reports for frontal chest radiographs only" in findings and "No draft" in impression
+    big = tmp_path / "chest-big.png"  # report drafting refuses images under 64 pixels a side
+    big.write_bytes(png_bytes(4, size=96))
+    client.predict(handle_file(big), "auto/file", api_name="/upload")
+    study, findings, impression = client.predict(handle_file(big), "auto/file", 0, 64, api_name="/draft_report")
+    assert study == "radiograph of the chest (from the model's answers)"
     assert (findings, impression) == ("No pleural effusion.", "No acute disease.")
     text = fetched(client.predict("Edited findings.", impression, api_name="/export_report")).decode()
     assert "## Findings\n\nEdited findings." in text and "## Impression\n\nNo acute disease." in text
