@@ -1,11 +1,12 @@
 """The body of POST /v1/chat/completions -> a `ChatRequest`: engine messages, image bytes and a
 GenerationConfig, or an `ApiError` saying what is wrong. Pure parsing, no I/O.
 
-Parsing refuses what JSON allows but a number field cannot mean: NaN and Infinity, floats that
-overflow, integers of thousands of digits, nesting too deep to parse. OpenAI features this
-server does not have (tools, JSON output, log-probabilities, presence/frequency penalties) are a
-400 "not supported" rather than silently ignored; their neutral values (`response_format`
-`{"type": "text"}`, `logprobs: false`, empty `tools`, penalties of 0) are accepted.
+Parsing refuses what JSON allows but a request cannot mean: NaN and Infinity, floats that
+overflow, integers of thousands of digits, nesting too deep to parse, unpaired surrogate
+escapes. OpenAI features this server does not have (tools, JSON output, log-probabilities,
+presence/frequency penalties) are a 400 "not supported" rather than silently ignored; their
+neutral values (`response_format` `{"type": "text"}`, `logprobs: false`, empty `tools`,
+`tool_choice` "none"/"auto", penalties of 0) are accepted.
 
 The repetition guard (`GenerationConfig.guarded()`: repetition penalty 1.1, no repeated 4-gram)
 is on by default, as in the UI. The non-OpenAI fields `repetition_penalty` (1 = off; vLLM takes
@@ -92,7 +93,26 @@ def parse_json(raw: bytes) -> dict:
         raise ApiError(400, "The request body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.")
+    if _has_lone_surrogate(body):  # "\\ud800" is valid JSON but no text: the tokenizer would fail on it
+        raise ApiError(400, "The request body contains an unpaired UTF-16 surrogate escape (\\ud800-\\udfff).")
     return body
+
+
+def _has_lone_surrogate(value) -> bool:
+    stack = [value]  # iterative: the body may be nested as deep as the parser allows
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 _KIND_NAMES = {float: "a number", int: "an integer", bool: "true or false", str: "a string",

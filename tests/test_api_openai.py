@@ -231,6 +231,8 @@ BAD_BODIES = {  # name -> (raw body, a fragment of the reason)
     "stream_options without a stream": ("{" + HELLO + ', "stream_options": {"include_usage": true}}',
                                         "only allowed with"),
     "a non-zero frequency_penalty": ("{" + HELLO + ', "frequency_penalty": 0.5}', "not supported"),
+    "an unpaired surrogate in a message": ('{"messages": [{"role": "user", "content": "\\ud800"}]}', "surrogate"),
+    "an unpaired surrogate in a conversation_id": ("{" + HELLO + ', "conversation_id": "\\udc00"}', "surrogate"),
 }
 
 
