@@ -19,10 +19,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import gradio as gr
-from gradio.processing_utils import save_pil_to_cache
+from gradio.processing_utils import save_bytes_to_cache, save_pil_to_cache
 
 from serve.api import create_api
 from serve.engine import Engine
+from serve.file_guard import COOKIE, FileGuard, FileOwners
 from serve.logs import quiet_gradio_tracebacks
 from serve.session_files import delete_files, private_folder
 from vlm.errors import MedVLMError
@@ -38,14 +39,17 @@ INTERNAL = "Internal error; the details are in the server log."
 EXAMPLE_FILES = ("CT_small.dcm", "MR_small.dcm")
 
 
-def build_app(engine: Engine, auth: tuple[str, str] | None = None, max_body_bytes: int | None = None):
-    """One FastAPI app: the API under /v1 and /health, the UI at /."""
-    app = create_api(engine, auth=auth, max_body_bytes=max_body_bytes)
+def build_app(engine: Engine, auth: tuple[str, str] | None = None, max_body_bytes: int | None = None,
+              allowed_hosts: list[str] | None = None):
+    """One FastAPI app: the API under /v1 and /health, the UI at /. `allowed_hosts`: the Host
+    header values answered (serve/web_guard.py; default: the loopback names on any port)."""
+    app = create_api(engine, auth=auth, max_body_bytes=max_body_bytes, allowed_hosts=allowed_hosts)
     quiet_gradio_tracebacks()
     # Gradio keeps uploads in GRADIO_TEMP_DIR, read when the Blocks and its routes are made.
     uploads = private_folder("uploads")
     os.environ["GRADIO_TEMP_DIR"] = str(uploads)
     app.state.ui = Handlers(engine, uploads)
+    app.add_middleware(FileGuard, owners=app.state.ui.owners)
     blocks = build_ui(engine, app.state.ui)
     # The UI's heavy events share the engine's concurrency; Gradio's queue shows waiting users
     # their position, and past `queue_size` it refuses with its own "queue is full" message.
@@ -120,9 +124,9 @@ class Handlers:
     def __init__(self, engine: Engine, uploads: Path):
         self.engine = engine
         self.uploads = uploads
-        self.reports = private_folder("reports")
+        self.owners = FileOwners()
         self.files: defaultdict[str, set[str]] = defaultdict(set)
-        """Per conversation: the uploads and previews it made (deleted when its session ends)."""
+        """Per conversation: the uploads, previews and drafts it made (deleted when its session ends)."""
 
     @staticmethod
     def conversation(request: gr.Request | None) -> str:
@@ -139,15 +143,22 @@ class Handlers:
         cid = self.conversation(request)
         self.engine.set_images(cid, [pil])
         preview = save_pil_to_cache(pil, str(self.uploads), name="preview", format="png")
-        self.files[cid].update((str(path), preview))
+        self._keep(request, cid, str(path), preview)
         return image, preview, describe_metadata(image.metadata)
+
+    def _keep(self, request, cid: str, *paths: str) -> None:
+        """Record files of this session: only its browser may fetch them, and they go when it ends."""
+        token = (getattr(request, "cookies", None) or {}).get(COOKIE)
+        for path in paths:
+            self.files[cid].add(path)
+            self.owners.add(token, path)
 
     @_readable
     def upload(self, path, window, request: gr.Request):
         """A new file: a new conversation about it (the chat and the report start over)."""
         cid = self.conversation(request)
         self.engine.forget(cid)
-        delete_files(self.files.pop(cid, set()) - {str(path)}, self.uploads)  # the last file's, not this one
+        self._delete(self.files.pop(cid, set()) - {str(path)})  # the last upload's files, not this one
         if not path:
             return None, "", gr.update(visible=False, value=0), [], "", ""
         image, pil, info = self._show(path, window, None, request)
@@ -208,19 +219,20 @@ class Handlers:
         """The tab was closed: forget the conversation and delete its uploads, previews and drafts."""
         cid = self.conversation(request)
         self.engine.forget(cid)
-        deleted = delete_files(self.files.pop(cid, ()), self.uploads)
-        deleted += delete_files((self.reports / cid).glob("*"), self.reports)
-        log.info("session ended: %d file(s) deleted", deleted)
+        log.info("session ended: %d file(s) deleted", self._delete(self.files.pop(cid, set())))
+
+    def _delete(self, paths: set[str]) -> int:
+        self.owners.remove(paths)
+        return delete_files(paths, self.uploads)
 
     def export(self, findings, impression, request: gr.Request):
         """The editable draft as Markdown, for the download button."""
         if not (findings or impression):
             return gr.update(value=None, interactive=False)
-        folder = self.reports / self.conversation(request)
-        folder.mkdir(exist_ok=True)
-        path = folder / "report-draft.md"
-        path.write_text(f"# Radiology report (draft)\n\n> {NOTICE}\n\n## Findings\n\n{(findings or '').strip()}\n\n"
-                        f"## Impression\n\n{(impression or '').strip()}\n")
+        text = (f"# Radiology report (draft)\n\n> {NOTICE}\n\n## Findings\n\n{(findings or '').strip()}\n\n"
+                f"## Impression\n\n{(impression or '').strip()}\n")
+        path = save_bytes_to_cache(text.encode(), "report-draft.md", str(self.uploads))
+        self._keep(request, self.conversation(request), path)
         return gr.update(value=str(path), interactive=True)
 
 

@@ -42,6 +42,9 @@ def add_commands(sub) -> None:
     p.add_argument("--queue-size", type=int, default=16,
                    help="requests that may wait beyond the running ones; more get 'busy, try again' (HTTP 503)")
     p.add_argument("--max-image-mb", type=float, default=64.0, help="largest accepted image upload in MB (default: 64)")
+    p.add_argument("--max-cache-mb", type=float, default=2048.0,
+                   help="memory for the conversations' KV caches, in MB; beyond it the least recently used "
+                        "are dropped (they then recompute their prefix) (default: 2048)")
     p.add_argument("--share", action="store_true",
                    help="also open a temporary public Gradio share link (off by default: images may be patient data)")
     add_model_options(p)
@@ -102,6 +105,8 @@ def check_options(args: argparse.Namespace) -> None:
         raise ConfigError("--concurrency must be at least 1 and --queue-size at least 0.")
     if args.max_image_mb <= 0:
         raise ConfigError("--max-image-mb must be positive.")
+    if args.max_cache_mb < 0:
+        raise ConfigError("--max-cache-mb must be 0 or more.")
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -136,7 +141,8 @@ def build_server(args: argparse.Namespace):
     print(f"medvlm: loading model {args.model} ...", file=sys.stderr, flush=True)
     model = load_model_from_args(args)
     engine = Engine(model, concurrency=args.concurrency, queue_size=args.queue_size,
-                    max_image_bytes=int(args.max_image_mb * 2**20), name=Path(args.model).name or args.model)
+                    max_image_bytes=int(args.max_image_mb * 2**20),
+                    max_cache_bytes=int(args.max_cache_mb * 2**20), name=Path(args.model).name or args.model)
     app = build_app(engine, auth=auth, allowed_hosts=hosts)
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     url = f"http://{shown}:{args.port}/"

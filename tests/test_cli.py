@@ -38,12 +38,18 @@ def test_chat_streams_an_answer_and_reports_timing(tiny_model, tiny_checkpoint, 
                "--max-new-tokens", "8", "--verbose"])
     out, err = capsys.readouterr()
     assert rc == 0
-    # The untrained tiny model babbles, but what it prints is exactly its greedy reply.
-    expected = tiny_model.generate([[{"role": "user", "content": f"<image>\n{question}"}]],
-                                   [[load_image(vqa_rad_image).to_pil()]], max_new_tokens=8)[0]
+    # The untrained tiny model babbles, but what it prints is exactly its greedy reply, decoded
+    # with chat's repetition guard unless the options turn it off.
+    guard = GenerationConfig().guarded()
+    asked = ([[{"role": "user", "content": f"<image>\n{question}"}]], [[load_image(vqa_rad_image).to_pil()]])
+    expected = tiny_model.generate(*asked, max_new_tokens=8, repetition_penalty=guard.repetition_penalty,
+                                   no_repeat_ngram_size=guard.no_repeat_ngram_size)[0]
     assert out.strip() == expected
     assert "load" in err and "first token" in err and "tokens/s" in err
     assert " 8 tokens" in err or "stopped" in err
+    rc = main(["chat", "--model", str(tiny_checkpoint), "--image", str(vqa_rad_image), question,
+               "--max-new-tokens", "8", "--repetition-penalty", "1", "--no-repeat-ngram-size", "0"])
+    assert rc == 0 and capsys.readouterr().out.strip() == tiny_model.generate(*asked, max_new_tokens=8)[0]
 
 
 @pytest.mark.parametrize(

@@ -58,7 +58,7 @@ def test_a_full_queue_answers_busy_then_recovers(taught_model):
     waiting = engine.chat("b", hello, [], GenerationConfig(max_new_tokens=2))
     with pytest.raises(EngineBusy, match="busy"):
         engine.chat("c", hello, [], GenerationConfig(max_new_tokens=2))
-    with TestClient(create_api(engine)) as api:
+    with TestClient(create_api(engine), base_url="http://127.0.0.1") as api:
         r = api.post("/v1/chat/completions", json={"messages": hello, "max_tokens": 2})
         assert r.status_code == 503
         assert r.json()["error"]["type"] == "server_busy" and "try again" in r.json()["error"]["message"]
@@ -114,8 +114,9 @@ def test_report_drafts_are_split_at_the_impression(text, findings, impression):
 
 def test_draft_report_uses_the_report_prompt(taught_model):
     engine = Engine(taught_model)
-    image = Image.open(io.BytesIO(png_bytes(6)))
+    image = Image.open(io.BytesIO(png_bytes(6, size=80)))
     assert engine.draft_report(image, GenerationConfig(max_new_tokens=40)) == {
+        "study": "radiograph of the chest (from the model's answers)",
         "findings": "No pleural effusion.", "impression": "No acute disease."}
     engine.close()
 
@@ -128,7 +129,7 @@ def test_auth_protects_the_api_and_the_ui(taught_model):
     from serve.app import build_app
 
     engine = Engine(taught_model)
-    with TestClient(build_app(engine, auth=("doc", "s3cret"))) as app:
+    with TestClient(build_app(engine, auth=("doc", "s3cret")), base_url="http://127.0.0.1") as app:
         refused = app.get("/v1/models")
         assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
         assert app.get("/v1/models", auth=("doc", "wrong")).status_code == 401

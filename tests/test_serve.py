@@ -57,12 +57,14 @@ def client(served):
 
 
 
-def fetched(output: dict) -> bytes:
-    """The content of a file a Gradio endpoint returned (gradio_client gives its URL), or of the
-    file in a component update."""
+def fetched(output: dict, client) -> bytes:
+    """The content of a file a Gradio endpoint returned to `client` (gradio_client gives its URL),
+    or of the file in a component update; fetched with the client's cookie, which owns the file."""
     if output.get("__type__") == "update":
         output = output["value"]
-    return httpx.get(output["url"], timeout=TIMEOUT).content
+    r = httpx.get(output["url"], cookies=client.cookies, timeout=TIMEOUT)
+    assert r.status_code == 200
+    return r.content
 
 
 
@@ -184,7 +186,7 @@ def test_ui_chats_about_a_png_and_a_dicom_and_drafts_a_report(served, client, tm
     png = tmp_path / "chest.png"
     png.write_bytes(png_bytes(4))
     preview, info, _, history, *_ = client.predict(handle_file(png), "auto/file", api_name="/upload")
-    assert Image.open(io.BytesIO(fetched(preview))).size == (48, 48)
+    assert Image.open(io.BytesIO(fetched(preview, client))).size == (48, 48)
     assert info.startswith("PNG, 48x48") and history == []
     history, box = client.predict("What is this?", [], handle_file(png), "auto/file", 0, 32, 0, api_name="/chat")
     assert [m["role"] for m in history] == ["user", "assistant"] and box == ""
@@ -211,7 +213,7 @@ def test_ui_chats_about_a_png_and_a_dicom_and_drafts_a_report(served, client, tm
     study, findings, impression = client.predict(handle_file(big), "auto/file", 0, 64, api_name="/draft_report")
     assert study == "radiograph of the chest (from the model's answers)"
     assert (findings, impression) == ("No pleural effusion.", "No acute disease.")
-    text = fetched(client.predict("Edited findings.", impression, api_name="/export_report")).decode()
+    text = fetched(client.predict("Edited findings.", impression, api_name="/export_report"), client).decode()
     assert "## Findings\n\nEdited findings." in text and "## Impression\n\nNo acute disease." in text
     assert "not a medical device" in text
 

@@ -86,10 +86,31 @@ def test_uploads_and_previews_are_deleted_when_the_session_ends(ui, tmp_path):
 
 
 def _session_files(server, cid: str) -> list[str]:
-    """The files the UI wrote for conversation `cid`: its uploads/previews and its report drafts."""
-    handlers = server.config.app.state.ui
-    reports = handlers.reports / cid
-    return sorted(handlers.files.get(cid, set())) + [str(p) for p in reports.glob("*")]
+    """The files the UI wrote for conversation `cid`: its uploads, previews and report drafts."""
+    return sorted(server.config.app.state.ui.files.get(cid, set()))
+
+
+def test_a_session_s_files_are_served_to_its_browser_only(ui, tmp_path):
+    """Gradio serves its cache to anyone with a URL; here an upload, its preview and a report
+    draft reach only the client whose cookie they were made for."""
+    from gradio_client import Client, handle_file
+
+    owner = Client(ui.url + "/", verbose=False, download_files=False)
+    other = Client(ui.url + "/", verbose=False, download_files=False)
+    assert owner.cookies.get("medvlm_files") and owner.cookies != other.cookies
+    png = tmp_path / "private.png"
+    png.write_bytes(png_bytes(12, size=80))
+    preview, *_ = owner.predict(handle_file(png), "auto/file", api_name="/upload")
+    draft = owner.predict("Findings.", "Impression.", api_name="/export_report")["value"]
+    upload = next(p for p in _session_files(ui, f"ui-{owner.session_hash}") if p.endswith("private.png"))
+    urls = [preview["url"], draft["url"], f"{ui.url}/gradio_api/file={upload}"]
+    for url in urls:
+        assert httpx.get(url, cookies=owner.cookies, timeout=TIMEOUT).status_code == 200
+        assert httpx.get(url, cookies=other.cookies, timeout=TIMEOUT).status_code == 404
+        assert httpx.get(url, timeout=TIMEOUT).status_code == 404
+        assert httpx.get(url, cookies={"medvlm_files": "guessed"}, timeout=TIMEOUT).status_code == 404
+    owner.close()
+    other.close()
 
 
 def test_left_overs_of_a_crashed_server_are_removed_at_start_up(tmp_path):

@@ -7,6 +7,7 @@ Errors a user can cause print one line (no traceback unless --debug) and exit wi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import importlib.util
 import sys
@@ -22,7 +23,7 @@ from vlm.options import add_options, collect
 # Packages whose `cli` module adds sub-commands: each exposes add_commands(subparsers).
 COMMAND_MODULES = ("train.cli", "eval.cli", "eval.bench", "serve.cli")
 LANGUAGE_OVERRIDES = ["quantization", "dtype"]
-GENERATION_OPTIONS = ["max_new_tokens", "temperature", "top_p", "seed"]
+GENERATION_OPTIONS = ["max_new_tokens", "temperature", "top_p", "seed", "repetition_penalty", "no_repeat_ngram_size"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +85,10 @@ def pick_device(requested: str | None) -> str:
 # ---- chat --------------------------------------------------------------------------------------
 
 def _add_chat(sub) -> None:
-    p = sub.add_parser("chat", help="ask a question about an image; the answer streams")
+    p = sub.add_parser("chat", help="ask a question about an image; the answer streams",
+                       description="Ask a question about one or more images; the answer streams. Chat decodes with "
+                                   "the repetition guard (--repetition-penalty 1.1, --no-repeat-ngram-size 4) unless "
+                                   "you set those options; `medvlm eval` never uses it.")
     p.add_argument("question", help="the question, e.g. 'Is there a pleural effusion?'")
     p.add_argument("--image", action="append", default=[], help="PNG, JPEG or DICOM file (repeat for several)")
     p.add_argument("--window", default=None, help="CT window for DICOM: lung, mediastinum, bone, brain or CENTER,WIDTH")
@@ -102,7 +106,7 @@ def run_chat(args) -> int:
 
     window = _parse_window(args.window)
     images = [load_image(path, window=window, frame=args.frame).to_pil() for path in args.image]
-    gen = GenerationConfig(**collect(args, GenerationConfig, GENERATION_OPTIONS))
+    gen = dataclasses.replace(GenerationConfig().guarded(), **collect(args, GenerationConfig, GENERATION_OPTIONS))
     start = time.perf_counter()
     model = load_model_from_args(args)
     loaded = time.perf_counter()
