@@ -312,12 +312,12 @@ class Engine:
             reply._push(RuntimeError(f"Internal error while generating ({type(e).__name__}); see the server log."))
         finally:
             self._release()
-            reply._push(_END)
             self._trim_caches()
             end = time.perf_counter()
             log.info("conversation %s: %s; %d prompt tokens (%d cached), %d generated; first token %.2f s, "
                      "total %.2f s", conversation_id[:16], reply.finish_reason, reply.prompt_tokens,
                      reply.cached_tokens, reply.completion_tokens, (reply.first_token_at or end) - start, end - start)
+            reply._push(_END)  # last: a reader that sees the end finds the work (and its log line) done
 
     def _decoded(self, item: Image.Image | bytes) -> Image.Image:
         return self.load_image(item).to_pil() if isinstance(item, (bytes, bytearray)) else item

@@ -48,8 +48,11 @@ class RedactingFormatter(logging.Formatter):
 def configure_logging(level: int = logging.INFO) -> None:
     """Root logging for `medvlm serve`: one stderr handler with RedactingFormatter, which the
     uvicorn loggers (started with log_config=None) propagate to."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(RedactingFormatter(FORMAT))
+    # A failing handler would print the record's exception, chained context and message included,
+    # to stderr ("--- Logging error ---"): unredacted. Drop such records silently instead.
+    logging.raiseExceptions = False
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -61,6 +64,21 @@ def configure_logging(level: int = logging.INFO) -> None:
         logger.propagate = True
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)  # paths can carry file names
     logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (it may be replaced after start-up)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ sets it; the property decides
+        pass
 
 
 class _QuietTraceback:
