@@ -125,6 +125,8 @@ class Handlers:
         self.engine = engine
         self.uploads = uploads
         self.owners = FileOwners()
+        self.metadata: dict[str, dict] = {}
+        """Per conversation: the de-identified metadata of the image it is about."""
         self.files: defaultdict[str, set[str]] = defaultdict(set)
         """Per conversation: the uploads, previews and drafts it made (deleted when its session ends)."""
 
@@ -144,6 +146,7 @@ class Handlers:
         self.engine.set_images(cid, [pil])
         preview = save_pil_to_cache(pil, str(self.uploads), name="preview", format="png")
         self._keep(request, cid, str(path), preview)
+        self.metadata[cid] = image.metadata  # the DICOM header names the study for report drafting
         return image, preview, describe_metadata(image.metadata)
 
     def _keep(self, request, cid: str, *paths: str) -> None:
@@ -159,12 +162,13 @@ class Handlers:
         cid = self.conversation(request)
         self.engine.forget(cid)
         self._delete(self.files.pop(cid, set()) - {str(path)})  # the last upload's files, not this one
+        self.metadata.pop(cid, None)
         if not path:
-            return None, "", gr.update(visible=False, value=0), [], "", ""
+            return None, "", gr.update(visible=False, value=0), [], "", "", ""
         image, pil, info = self._show(path, window, None, request)
         frames = gr.update(visible=image.num_frames > 1, minimum=0, maximum=max(image.num_frames - 1, 1),
                            value=image.frame, step=1)
-        return pil, info, frames, [], "", ""
+        return pil, info, frames, [], "", "", ""
 
     @_readable
     def render(self, path, window, frame, request: gr.Request):
@@ -211,14 +215,17 @@ class Handlers:
         cid = self.conversation(request)
         if not path:
             raise gr.Error("Upload an image first, then draft the report.")
-        image, _, _ = self._show(path, window, frame, request)  # the DICOM header names the study
-        report = self.engine.draft_report(image, GenerationConfig(max_new_tokens=int(max_tokens)), cid)
+        if not self.engine.images(cid) or cid not in self.metadata:  # e.g. dropped from the engine's LRU
+            self._show(path, window, frame, request)
+        gen = GenerationConfig(max_new_tokens=int(max_tokens))
+        report = self.engine.draft_report(self.engine.images(cid)[0], gen, cid, metadata=self.metadata[cid])
         return report["study"], report["findings"], report["impression"]
 
     def end_session(self, request: gr.Request):
         """The tab was closed: forget the conversation and delete its uploads, previews and drafts."""
         cid = self.conversation(request)
         self.engine.forget(cid)
+        self.metadata.pop(cid, None)
         log.info("session ended: %d file(s) deleted", self._delete(self.files.pop(cid, set())))
 
     def _delete(self, paths: set[str]) -> int:
@@ -275,7 +282,7 @@ def build_ui(engine: Engine, handlers: Handlers | None = None) -> gr.Blocks:
             download = gr.DownloadButton("Download report (.md)", interactive=False, elem_id="download")
 
         view = [file, window, frame]
-        file.change(h.upload, [file, window], [preview, info, frame, chatbot, findings, impression],
+        file.change(h.upload, [file, window], [preview, info, frame, chatbot, study, findings, impression],
                     api_name="upload")
         gr.on([window.input, frame.release], h.render, view, [preview, info], api_name="render")
         chatting = gr.on([message.submit, send.click], h.chat,

@@ -226,11 +226,11 @@ class Engine:
         return reply
 
     def draft_report(self, image: MedicalImage | Image.Image, gen: GenerationConfig | None = None,
-                     conversation_id: str | None = None) -> dict[str, str]:
+                     conversation_id: str | None = None, metadata: dict | None = None) -> dict[str, str]:
         """Draft {"study", "findings", "impression"} for one image.
 
         The study (modality, region) comes from the DICOM header when `image` is a DICOM
-        MedicalImage, else from the model's answers; findings are drafted with REPORT_PROMPT only
+        MedicalImage (or `metadata` says so), else from the model's answers; findings are drafted with REPORT_PROMPT only
         for the study types the model was trained to report (`config.report_studies`), and
         otherwise the draft says so. Without an "Impression" heading in the draft, the impression
         is derived from its positive findings (vlm.studies.impression_from_findings)."""
@@ -239,7 +239,7 @@ class Engine:
         if min(pil.size) < MIN_REPORT_SIDE:
             raise InputError(f"The image is {pil.size[0]}x{pil.size[1]} pixels: too small to report on "
                              f"(at least {MIN_REPORT_SIDE} pixels a side).")
-        metadata = image.metadata if isinstance(image, MedicalImage) else {}
+        metadata = metadata if metadata is not None else image.metadata if isinstance(image, MedicalImage) else {}
         study = studies.study_from_metadata(metadata) or self._ask_study(pil)
         allowed = tuple(self.model.config.report_studies)
         if not studies.reportable(study, allowed):

@@ -64,6 +64,7 @@ def test_a_brain_mri_gets_no_invented_findings(engine):
     mri = load_image(get_testdata_file("MR_small.dcm", download=False))
     report = engine.draft_report(mri, GEN)
     assert report["study"] == "MRI of an unidentified region (from the DICOM header)"
+    assert report["findings"].startswith("This image is an MRI of an unidentified region")
     assert "trained to draft reports for frontal chest radiographs only" in report["findings"]
     assert "drafts no findings" in report["findings"] and report["impression"].startswith("No draft")
     assert engine.prompts == [], "the header named the study: the model was not asked anything"

@@ -141,7 +141,20 @@ def test_auth_protects_the_api_and_the_ui(taught_model):
     engine.close()
 
 
-def test_serve_command_options_and_errors(capsys):
+@pytest.fixture
+def restored_logging():
+    """`medvlm serve` configures the process's logging (serve/logs.py); put it back afterwards."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level, raising = list(root.handlers), root.level, logging.raiseExceptions
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.raiseExceptions = raising
+
+
+def test_serve_command_options_and_errors(capsys, restored_logging):
     from vlm.cli import build_parser, main
 
     args = build_parser().parse_args(["serve"])

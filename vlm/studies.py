@@ -95,7 +95,9 @@ def reportable(study: Study, report_studies: tuple[str, ...]) -> bool:
 def not_reportable_note(study: Study, report_studies: tuple[str, ...]) -> str:
     trained = ", ".join(s.replace("x-ray ", "") + (" radiographs" if s.startswith("x-ray") else " studies")
                         for s in report_studies) or "no study type"
-    return (f"This image is a {study.describe()}. This model was trained to draft reports for frontal "
+    described = study.describe()
+    article = "an" if described[0] in "aeiouAEIOU" or described.startswith("MRI") else "a"
+    return (f"This image is {article} {described}. This model was trained to draft reports for frontal "
             f"{trained} only, so it drafts no findings for this study.")
 
 
