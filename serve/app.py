@@ -253,7 +253,9 @@ def build_ui(engine: Engine, handlers: Handlers | None = None) -> gr.Blocks:
             with gr.Column(scale=2):
                 file = gr.File(label="Image: PNG, JPEG or DICOM (drop a file here)", type="filepath",
                                elem_id="upload")
+                # No "share" button: it would post the (patient) image to a Hugging Face discussion.
                 preview = gr.Image(label="Preview", type="pil", format="png", interactive=False, height=320,
+                                   buttons=["download", "fullscreen"],
                                    elem_id="preview")
                 with gr.Row():
                     window = gr.Dropdown(WINDOWS, value=AUTO_WINDOW, label="CT window", elem_id="window")
