@@ -218,7 +218,7 @@ class Handlers:
         if not self.engine.images(cid) or cid not in self.metadata:  # e.g. dropped from the engine's LRU
             self._show(path, window, frame, request)
         gen = GenerationConfig(max_new_tokens=int(max_tokens))
-        report = self.engine.draft_report(self.engine.images(cid)[0], gen, cid, metadata=self.metadata[cid])
+        report = self.engine.draft_report(self.engine.images(cid)[0], gen, metadata=self.metadata[cid])
         return report["study"], report["findings"], report["impression"]
 
     def end_session(self, request: gr.Request):

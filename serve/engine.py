@@ -226,27 +226,28 @@ class Engine:
         return reply
 
     def draft_report(self, image: MedicalImage | Image.Image, gen: GenerationConfig | None = None,
-                     conversation_id: str | None = None, metadata: dict | None = None) -> dict[str, str]:
+                     metadata: dict | None = None) -> dict[str, str]:
         """Draft {"study", "findings", "impression"} for one image.
 
-        The study (modality, region) comes from the DICOM header when `image` is a DICOM
-        MedicalImage (or `metadata` says so), else from the model's answers; findings are drafted with REPORT_PROMPT only
-        for the study types the model was trained to report (`config.report_studies`), and
-        otherwise the draft says so. Without an "Impression" heading in the draft, the impression
-        is derived from its positive findings (vlm.studies.impression_from_findings)."""
+        The study (modality, region) comes from the DICOM header (`metadata`, or a MedicalImage's
+        own), else from the model's answers. Findings are drafted with REPORT_PROMPT only for the
+        study types the model was trained to report (`config.report_studies`); otherwise the draft
+        says so. Without an "Impression" heading in the draft, the impression is derived from its
+        positive findings (vlm.studies.impression_from_findings). Every model call is a one-off
+        conversation: a draft leaves nothing behind in the engine."""
         gen = (gen or GenerationConfig(max_new_tokens=256)).guarded()
         pil = image.to_pil() if isinstance(image, MedicalImage) else image
         if min(pil.size) < MIN_REPORT_SIDE:
             raise InputError(f"The image is {pil.size[0]}x{pil.size[1]} pixels: too small to report on "
                              f"(at least {MIN_REPORT_SIDE} pixels a side).")
-        metadata = metadata if metadata is not None else image.metadata if isinstance(image, MedicalImage) else {}
+        if metadata is None:
+            metadata = image.metadata if isinstance(image, MedicalImage) else {}
         study = studies.study_from_metadata(metadata) or self._ask_study(pil)
         allowed = tuple(self.model.config.report_studies)
         if not studies.reportable(study, allowed):
             return {"study": study.describe(), "findings": studies.not_reportable_note(study, allowed),
                     "impression": "No draft: this study type is outside what the model was trained to report."}
-        key = None if conversation_id is None else f"{conversation_id}-report"
-        report = split_report(self.chat(key, [{"role": "user", "content": REPORT_PROMPT}], [pil], gen).text())
+        report = split_report(self.chat(None, [{"role": "user", "content": REPORT_PROMPT}], [pil], gen).text())
         report["impression"] = report["impression"] or studies.impression_from_findings(report["findings"])
         return {"study": study.describe(), **report}
 

@@ -56,6 +56,7 @@ def test_a_png_is_named_by_the_model_and_drafted_when_it_is_a_chest_radiograph(e
                       "findings": "No pleural effusion.", "impression": "No acute disease."}
     assert [p.splitlines()[-2] for p in engine.prompts[:2]] == [studies.MODALITY_QUESTION, studies.REGION_QUESTION]
     assert len(engine.prompts) == 3
+    assert not engine._conversations and engine.cache_bytes() == 0, "a draft leaves nothing behind"
 
 
 def test_a_brain_mri_gets_no_invented_findings(engine):
