@@ -58,6 +58,12 @@ def split_host(value: str) -> tuple[str, int | None]:
     return name, int(port) if port.isdigit() and len(port) <= 5 else None
 
 
+async def refuse(scope: Scope, receive: Receive, send: Send, status: int, message: str, kind: str,
+                 **kwargs) -> None:
+    """Answer the request with an OpenAI-style error (serve.openai_schema.error_response)."""
+    await error_response(status, message, kind, **kwargs)(scope, receive, send)
+
+
 def host_entry(host: str, port: int | None = None) -> str:
     """A bind address as a Host header names it ('::1' -> '[::1]'), with its port if given."""
     name = f"[{host}]" if host.count(":") > 1 and not host.startswith("[") else host
@@ -90,10 +96,8 @@ class HostGuard:
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})
                 return
-            response = error_response(400, "Host not allowed. To serve under this name, start the server "
-                                           "with --allowed-hosts NAME.", "invalid_request_error",
-                                      code="host_not_allowed")
-            await response(scope, receive, send)
+            await refuse(scope, receive, send, 400, "Host not allowed. To serve under this name, start the "
+                         "server with --allowed-hosts NAME.", "invalid_request_error", code="host_not_allowed")
             return
         await self.app(scope, receive, send)
 
@@ -109,10 +113,9 @@ class JsonOnly:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].rstrip("/") in self.paths:
             media = Headers(scope=scope).get("content-type", "").partition(";")[0].strip().lower()
             if media != "application/json":
-                response = error_response(415, "The request body must be JSON, sent with "
-                                               "'Content-Type: application/json'.", "invalid_request_error",
-                                          code="unsupported_media_type")
-                await response(scope, receive, send)
+                await refuse(scope, receive, send, 415, "The request body must be JSON, sent with "
+                             "'Content-Type: application/json'.", "invalid_request_error",
+                             code="unsupported_media_type")
                 return
         await self.app(scope, receive, send)
 
@@ -157,10 +160,9 @@ class AuthThrottle:
         wait = self.retry_after(address)
         if wait:
             log.warning("refused a login attempt on %s: too many failures", loggable_path(scope["path"]))
-            response = error_response(429, f"Too many failed logins from this address; try again in {wait} s.",
-                                      "rate_limit_error", code="too_many_failed_logins",
-                                      headers={"Retry-After": str(wait)})
-            await response(scope, receive, send)
+            await refuse(scope, receive, send, 429, "Too many failed logins from this address; "
+                         f"try again in {wait} s.", "rate_limit_error", code="too_many_failed_logins",
+                         headers={"Retry-After": str(wait)})
             return
 
         async def watch(message: Message) -> None:

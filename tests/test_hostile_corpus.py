@@ -1,5 +1,5 @@
 """A robustness corpus sent through the HTTP API: pydicom's odd and broken test files plus hostile
-files built here (memory bombs, lying headers, truncated and foreign formats).
+files built here and in tests/hostile_files.py (memory bombs, lying headers, truncated and foreign formats).
 
 For each file, one POST /v1/chat/completions with the image as a data: URL. Every answer is a 200
 or a 4xx whose JSON error message is not empty, never a 5xx; afterwards the server still answers
@@ -10,7 +10,6 @@ a bounded amount. Only HTTP behaviour is asserted, not how the server gets there
 from __future__ import annotations
 
 import io
-import os
 import struct
 import threading
 import zlib
@@ -20,14 +19,12 @@ import numpy as np
 import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
-from pydicom.encaps import encapsulate
-from pydicom.uid import JPEG2000Lossless, RLELossless
 
+from tests.hostile_files import (MB, deflated_bomb, dicom, j2k_size_lie, native_excess, palette_bomb,
+                                 rle_missing_frames, rss, with_many_items)
 from tests.serve_fixtures import bomb_png, data_url, image_message, local_server, png_bytes, running
-from tests.test_image_bombs import deflated_bomb, header, save
 
 TIMEOUT = 60
-MB = 2**20
 pytestmark = pytest.mark.filterwarnings("ignore")  # pydicom warns about every odd file here
 
 # Shipped with pydicom or pydicom-data: deliberately broken, truncated, without file meta, big
@@ -48,53 +45,7 @@ SHIPPED = [
 
 
 def _dicom(**attrs) -> bytes:
-    ds = header(4, 4)
-    ds.PixelData = bytes(4 * 4 * 8)
-    for key, value in attrs.items():
-        setattr(ds, key, value)
-    return save(ds)
-
-
-def _native_excess() -> bytes:
-    ds = header()
-    ds.PixelData = bytes(512 * 512 * 8)
-    return save(ds)
-
-
-def _rle_missing_frames() -> bytes:
-    ds = header(8, 8)
-    ds.PixelData = bytes(64)
-    ds.compress(RLELossless, generate_instance_uid=False)
-    ds.NumberOfFrames = 500
-    return save(ds)
-
-
-def _j2k_size_lie() -> bytes:
-    buf = io.BytesIO()
-    Image.new("L", (64, 64), 9).save(buf, format="JPEG2000", irreversible=False)
-    stream = bytearray(buf.getvalue())
-    siz = stream.index(b"\xff\x4f\xff\x51")
-    stream[siz + 8:siz + 16] = struct.pack(">II", 40000, 40000)
-    ds = header(64, 64, syntax=JPEG2000Lossless)
-    ds.PixelData = encapsulate([bytes(stream)])
-    return save(ds)
-
-
-def _palette_bomb() -> bytes:
-    ds = header(4, 4, photometric="PALETTE COLOR")
-    ds.PixelData = bytes(16)
-    segments = struct.pack("<HHH", 0, 1, 0) + struct.pack("<HHH", 1, 65535, 7) * 3000
-    for colour in ("Red", "Green", "Blue"):
-        setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [256, 0, 16])
-        setattr(ds, f"Segmented{colour}PaletteColorLookupTableData", segments)
-    return save(ds)
-
-
-def _many_items() -> bytes:
-    raw = _dicom()
-    items = b"\xfe\xff\x00\xe0\0\0\0\0" * 150_000
-    at = raw.index(b"\x08\x00\x60\x00")
-    return raw[:at] + b"\x08\x00\x15\x11SQ\0\0" + struct.pack("<I", len(items)) + items + raw[at:]
+    return dicom(4, 4, 4 * 4 * 8, **attrs)
 
 
 def _image(fmt: str, mode: str = "L", size=(16, 16), **kwargs) -> bytes:
@@ -112,18 +63,18 @@ def _png16() -> bytes:
 GENERATED = {  # name -> (bytes builder, MIME type sent)
     "deflated bomb, 1 MB to 1 GB": (lambda: deflated_bomb(4000 * 512 * 512), "application/dicom"),
     "deflated bomb, 64 KiB to 64 MB": (lambda: deflated_bomb(256 * 512 * 512), "application/dicom"),
-    "native data with 8 frames, 1 declared": (_native_excess, "application/dicom"),
-    "RLE with 500 frames declared, 1 present": (_rle_missing_frames, "application/dicom"),
-    "JPEG 2000 claiming 40000x40000": (_j2k_size_lie, "application/dicom"),
-    "segmented palette bomb": (_palette_bomb, "application/dicom"),
-    "150,000 sequence items": (_many_items, "application/dicom"),
+    "native data with 8 frames, 1 declared": (lambda: native_excess(8), "application/dicom"),
+    "RLE with 500 frames declared, 1 present": (lambda: rle_missing_frames(500), "application/dicom"),
+    "JPEG 2000 claiming 40000x40000": (lambda: j2k_size_lie(40000), "application/dicom"),
+    "segmented palette bomb": (lambda: palette_bomb(3000), "application/dicom"),
+    "150,000 sequence items": (lambda: with_many_items(_dicom(), 150_000), "application/dicom"),
     "Rows=0": (lambda: _dicom(Rows=0), "application/dicom"),
     "BitsAllocated=7": (lambda: _dicom(BitsAllocated=7, BitsStored=7, HighBit=6), "application/dicom"),
     "SamplesPerPixel=4": (lambda: _dicom(SamplesPerPixel=4), "application/dicom"),
     "NumberOfFrames=2**31": (lambda: _dicom(NumberOfFrames=2**31), "application/dicom"),
     "NumberOfFrames=-3": (lambda: _dicom(NumberOfFrames=-3), "application/dicom"),
     "free text in BodyPartExamined": (lambda: _dicom(BodyPartExamined="DOE JANE MRN12345"), "application/dicom"),
-    "DICOM cut in half": (lambda: _native_excess()[:1000], "application/dicom"),
+    "DICOM cut in half": (lambda: native_excess(8)[:1000], "application/dicom"),
     "PNG bomb header": (bomb_png, "image/png"),
     "PNG 100000x1 bomb header": (lambda: bomb_png(100000, 1000), "image/png"),
     "truncated PNG": (lambda: png_bytes(1, 200)[:300], "image/png"),
@@ -149,11 +100,6 @@ def _png_idat_bomb() -> bytes:
     ihdr = struct.pack(">IIBBBBB", 6000, 6000, 8, 0, 0, 0, 0)
     idat = zlib.compress(bytes(200 * MB), 9)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def corpus() -> list[tuple[str, bytes, str]]:

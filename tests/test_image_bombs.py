@@ -1,41 +1,30 @@
 """Memory bombs: small files that used to decode into huge arrays (issue 22).
 
-Each hostile file is built here with pydicom, zlib or Pillow. The bound is on memory, measured two
-ways around the call: tracemalloc's peak (numpy, bytes and pydicom's objects report to it) and the
-growth of the process's resident memory, sampled from /proc in a thread. The bounds are generous
-but far below what each bomb cost before (noted per test).
+Each hostile file is built with pydicom, zlib or Pillow, here or in tests/hostile_files.py. The
+bound is on memory, measured two ways around the call: tracemalloc's peak (numpy, bytes and
+pydicom's objects report to it) and the growth of the process's resident memory, sampled from
+/proc in a thread. The bounds are generous but far below what each bomb cost before (noted per
+test).
 """
 
 from __future__ import annotations
 
 import io
-import os
 import struct
 import threading
 import tracemalloc
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset, write_file_meta_info
-from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless,
-                         SecondaryCaptureImageStorage, generate_uid)
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from tests.hostile_files import (MB, deflated_bomb, dicom, header, j2k_size_lie, native_excess, palette_bomb,
+                                 rle_missing_frames, rss, save, with_many_items)
 from vlm.errors import InputError
 from vlm.imaging import describe_metadata, load_image
 
-MB = 2**20
-PAGE = os.sysconf("SC_PAGE_SIZE")
 pytestmark = pytest.mark.filterwarnings("ignore")  # pydicom warns about every odd file here
-
-
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE
 
 
 def peak_memory(fn, trace: bool = True) -> tuple[object, int, int]:
@@ -71,63 +60,15 @@ def refused(data: bytes, match: str, bound: int = 300 * MB, trace: bool = True, 
     return result
 
 
-def header(rows: int = 512, cols: int = 512, frames: int | None = None, bits: int = 8, samples: int = 1,
-           photometric: str = "MONOCHROME2", syntax=ExplicitVRLittleEndian) -> Dataset:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = syntax
-    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, ds.file_meta.MediaStorageSOPInstanceUID
-    ds.Modality = "OT"
-    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, cols, samples, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
-    if samples > 1:
-        ds.PlanarConfiguration = 0
-    if frames is not None:
-        ds.NumberOfFrames = frames
-    return ds
-
-
-def save(ds: Dataset) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
-def deflated_bomb(pixel_bytes: int, rows: int = 512, cols: int = 512, frames: int = 1) -> bytes:
-    """A Deflated Explicit VR Little Endian file whose pixel data inflates to `pixel_bytes` zeros,
-    declaring `frames` frames of rows x cols: compressed in a stream, never held whole here."""
-    ds = header(rows, cols, frames if frames != 1 else None, syntax=DeflatedExplicitVRLittleEndian)
-    out = io.BytesIO()
-    out.write(b"\0" * 128 + b"DICM")
-    write_file_meta_info(out, ds.file_meta, enforce_standard=True)
-    plain = DicomBytesIO()
-    plain.is_little_endian, plain.is_implicit_VR = True, False
-    del ds.file_meta
-    write_dataset(plain, ds)
-    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    out.write(compressor.compress(plain.getvalue()))
-    out.write(compressor.compress(b"\xe0\x7f\x10\x00OB\0\0" + struct.pack("<I", pixel_bytes)))
-    chunk = bytes(MB)
-    for _ in range(pixel_bytes // MB):
-        out.write(compressor.compress(chunk))
-    out.write(compressor.compress(bytes(pixel_bytes % MB)) + compressor.flush())
-    return out.getvalue()
-
-
 # ----------------------------------------------------------------------------- DICOM bombs
 
 
 def test_native_pixel_data_longer_than_declared_is_refused():
     # 1 frame declared, 40 present: pydicom returned all 40 ("sufficient to contain 40 frames"),
     # a 40x512x512 array (340 MB traced before the fix).
-    ds = header()
-    ds.PixelData = bytes(512 * 512 * 40)
-    refused(save(ds), "more image data than the 1 frame(s) of 512x512", bound=120 * MB)
-    ds = header(frames=3)  # and with several frames declared
-    ds.PixelData = bytes(512 * 512 * 4)
-    refused(save(ds), "more image data than the 3 frame(s)", bound=120 * MB)
+    refused(native_excess(40), "more image data than the 1 frame(s) of 512x512", bound=120 * MB)
+    # and with several frames declared
+    refused(native_excess(4, frames=3), "more image data than the 3 frame(s)", bound=120 * MB)
 
 
 def test_padding_after_native_pixel_data_is_not_an_extra_frame():
@@ -175,55 +116,30 @@ def test_absurd_number_of_frames_is_refused():
 
 
 def test_compressed_data_with_more_fragments_declared_than_present():
-    ds = header(8, 8)
-    ds.PixelData = bytes(64)
-    ds.compress(RLELossless, generate_instance_uid=False)  # one compressed frame
-    ds.NumberOfFrames = 1000
-    refused(save(ds), "does not hold the 1000 frame(s)")
+    refused(rle_missing_frames(1000), "does not hold the 1000 frame(s)")  # one compressed frame
 
 
 def test_compressed_frame_larger_than_its_header_is_refused():
     # A JPEG 2000 frame whose codestream says 30000x30000 in a file that declares 64x64: openjpeg
     # would size its buffers from the codestream before anything compared them.
-    buf = io.BytesIO()
-    Image.new("L", (64, 64), 9).save(buf, format="JPEG2000", irreversible=False)
-    stream = bytearray(buf.getvalue())
-    siz = stream.index(b"\xff\x4f\xff\x51")
-    stream[siz + 8:siz + 16] = struct.pack(">II", 30000, 30000)
-    ds = header(64, 64, syntax=JPEG2000Lossless)
-    ds.PixelData = encapsulate([bytes(stream)])
-    refused(save(ds), "30000x30000 pixels, more than the 64x64")
+    refused(j2k_size_lie(30000), "30000x30000 pixels, more than the 64x64")
 
 
 def test_segmented_palette_bomb_is_refused():
     # 2,000 linear segments of 65,535 entries each, 12 KB per colour: pydicom expanded them into
     # Python lists of 131 million entries before checking the table length.
-    ds = header(4, 4, photometric="PALETTE COLOR")
-    ds.PixelData = bytes(16)
-    segments = struct.pack("<HHH", 0, 1, 0) + struct.pack("<HHH", 1, 65535, 7) * 2000
-    for colour in ("Red", "Green", "Blue"):
-        setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [256, 0, 16])
-        setattr(ds, f"Segmented{colour}PaletteColorLookupTableData", segments)
-    refused(save(ds), "colour table", bound=100 * MB)
+    refused(palette_bomb(2000), "colour table", bound=100 * MB)
 
 
 def test_sequence_with_too_many_items_is_refused():
     # 200,000 empty items in 1.6 MB: ~660 bytes of Python objects each once parsed.
-    ds = header(2, 2)
-    ds.PixelData = bytes(4)
-    raw = save(ds)
-    items = b"\xfe\xff\x00\xe0\0\0\0\0" * 200_000
-    seq = b"\x08\x00\x15\x11SQ\0\0" + struct.pack("<I", len(items)) + items
-    at = raw.index(b"\x08\x00\x60\x00")  # before Modality, keeping the tags in order
-    refused(raw[:at] + seq + raw[at:], "sequence items", bound=100 * MB)
+    refused(with_many_items(dicom(2, 2, 4), 200_000), "sequence items", bound=100 * MB)
 
 
 def test_file_with_too_many_elements_is_refused():
     # 700,000 empty private elements in 5.6 MB: ~240 bytes of Python objects each once parsed, so
     # a 64 MB upload of them cost ~2 GB. Parsing stops at MAX_PARSE_READS.
-    ds = header(2, 2)
-    ds.PixelData = bytes(4)
-    raw = save(ds)
+    raw = dicom(2, 2, 4)
     elements = b"".join(struct.pack("<HH", group, element) + b"LO\0\0"
                         for group in range(0x0009, 0x0029, 2) for element in range(0x1000, 0x10000))
     at = raw.index(b"\x28\x00\x02\x00")  # private groups 0009-0027 go before group 0028
@@ -238,11 +154,7 @@ def test_file_with_too_many_elements_is_refused():
     ({"Rows": 0}, "no pixels"),
 ])
 def test_impossible_shapes_are_refused(attrs, match):
-    ds = header(4, 4)
-    ds.PixelData = bytes(4 * 4 * 16)
-    for key, value in attrs.items():
-        setattr(ds, key, value)
-    refused(save(ds), match)
+    refused(dicom(4, 4, 4 * 4 * 16, **attrs), match)
 
 
 # ----------------------------------------------------------------------------- PNG memory
