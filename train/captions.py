@@ -144,7 +144,7 @@ def drop_brief_suffix(records: list[dict], share: float, seed: int = 0) -> list[
     briefly." that question_answer_turns appends (drawn per turn from an RNG keyed by the record id,
     so repeated copies, which have distinct ids, differ). `medvlm chat` sends a question as typed; a
     model that only ever saw the suffix answered the chat example wrong and the same question with
-    the suffix right (MODEL_CARD.md, the mixed instruct run)."""
+    the suffix right (docs/demo-model-history.md, the mixed instruct run)."""
     from vlm.prompts import VQA_FOLLOWUP
 
     suffix = VQA_FOLLOWUP.format(question="")

@@ -2,7 +2,7 @@
 modality, organ and plane), built from what the image's own training questions say about it.
 
 Why: version 3 of the demo model, trained without these, answered 58% of VQA-RAD's closed test
-questions right with a black image and 60% with the real one (MODEL_CARD.md, "History"): a small
+questions right with a black image and 60% with the real one (docs/demo-model-history.md, "History"): a small
 model trained on VQA-RAD's questions learns their language prior more easily than it learns to
 look. Here each question asks the image's true value for about half of the images and a wrong one
 for the rest, so the words of the question do not give the answer away and only the image can.
@@ -36,7 +36,7 @@ YES_NO = {
 CHOICES = {"modality": list(MODALITIES), "organ": list(ORGANS), "plane": list(PLANES)}
 EITHER_OR = {"modality": "Is this {a} or {b}?", "plane": "Is this {a} or {b} image?"}
 # Open questions name the attribute in the answer. VQA-RAD's train bucket has only a handful of open
-# modality questions, and the mixed instruct run of MODEL_CARD.md ("Tried and not shipped") answered
+# modality questions, and the mixed instruct run of docs/demo-model-history.md ("Tried and not shipped") answered
 # the held-out CT's "What imaging modality is this?" with "X-ray" while it said "CT" to three other
 # phrasings. A 60-step finishing run with these questions did not change that answer; two full
 # runs with them (and half the questions bare) from the start answered "CT" at 0.89-0.99 and lifted

@@ -30,7 +30,7 @@ def write_carved_split(source: Path, out: Path, count: int, seed: int = 0) -> di
     with `count` train patients moved to val, so every command that takes the NIH folder sees the
     wider val split and the smaller train split; test is untouched. Why: 53 val images give a
     micro-F1 interval about 0.17 wide, wider than the gaps between runs it has to judge
-    (MODEL_CARD.md). Patients are drawn by the SHA-1 of `seed:patient_id`, so the draw depends on
+    (docs/demo-model-history.md). Patients are drawn by the SHA-1 of `seed:patient_id`, so the draw depends on
     neither row order nor Python's hash; all images of a drawn patient move together. Returns the
     image count per split."""
     labels, images = source / "labels.csv", source / "images"
