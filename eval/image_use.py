@@ -31,9 +31,9 @@ from eval.run import majority_report_baseline
 from train.captions import organs_and_modality_votes, top_vote
 from train.clip import auroc
 from train.data import load_conversations
-from train.nih_labels import label_rows
 from train.vlm_stage import collate_conversations
 from vlm.checkpoint import load_checkpoint
+from vlm.datasets import label_rows
 from vlm.imaging import load_image
 
 

@@ -9,7 +9,6 @@ a MedVLMError with one readable line; nothing here needs a model.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import pickle
@@ -18,15 +17,12 @@ from pathlib import Path
 
 from eval.labeler import nih_to_chexpert
 from eval.metrics import closed_options, normalize_answer
+from vlm.datasets import read_labels, vqa_rad_image_bucket
 from vlm.errors import ConfigError, InputError
 from vlm.prompts import REPORT_PROMPT
 
 TASKS = ("vqa-rad", "slake", "pathvqa", "pmc-vqa", "vqa-jsonl", "report-jsonl", "nih-findings")
 
-# VQA-RAD image buckets by a stable hash of the image name: the single definition of its splits.
-# The standard test set shares every image with the training set, so results are also reported on
-# test questions about held-out images, and model selection uses val images; neither is trained on.
-VQA_RAD_BUCKETS = (("heldout", 0.15), ("val", 0.25), ("train", 1.0))
 # The same, for readers of results.md (written under its "By image bucket" table).
 VQA_RAD_BUCKET_NOTE = ("Image bucket (VQA-RAD, by a hash of the image name): `train` images are the ones `medvlm train "
                        "instruct-data` trains on, `val` images select models, `heldout` images are never trained on "
@@ -84,13 +80,6 @@ def load_task(name: str, data: str | Path, split: str = "test", limit: int | Non
         raise DataError(f"{name}: question ids are not unique in {data}.")
     kind = "report" if name in ("report-jsonl", "nih-findings") else "vqa"
     return Task(name=name, kind=kind, split=split, items=items, source=str(data.resolve()))
-
-
-def vqa_rad_image_bucket(image_name: str) -> str:
-    """'heldout', 'val' or 'train': where a VQA-RAD image belongs, from the SHA-1 of its name
-    (not Python's hash(), which changes between processes)."""
-    fraction = int(hashlib.sha1(image_name.encode("utf-8")).hexdigest()[:8], 16) / 2**32
-    return next(bucket for bucket, upper in VQA_RAD_BUCKETS if fraction < upper)
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -282,8 +271,7 @@ def _report_jsonl(data: Path, split: str) -> list[Item]:
 def _nih_findings(data: Path, split: str) -> list[Item]:
     _check_split("nih-findings", split, ("test", "val", "train"))
     path = _need(data / "labels.csv" if data.is_dir() else data, "nih-findings")
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("split") == split]
+    rows = [r for r in read_labels(path)[0] if r.get("split") == split]
     try:
         return [Item(r["image"], path.parent / "images" / r["image"], REPORT_PROMPT, r["findings"], "report",
                      r.get("view") or "report", gold_labels=nih_to_chexpert(r["findings"])) for r in rows]

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from eval.tasks import VQA_RAD_SPLITS, DataError, load_task, vqa_rad_image_bucket
+from eval.tasks import VQA_RAD_SPLITS, DataError, load_task
+from vlm.datasets import vqa_rad_image_bucket
 from vlm.errors import ConfigError, MedVLMError
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -8,7 +8,7 @@ import random
 from collections import Counter
 
 from eval.metrics import closed_options, closed_strict
-from eval.tasks import vqa_rad_image_bucket
+from vlm.datasets import vqa_rad_image_bucket
 from train.grounding import (
     MODALITIES, OPEN, ORGANS, PLANES, grounding_conversations, grounding_turns, image_attributes, plane_votes,
 )

@@ -1,4 +1,4 @@
-"""`medvlm train nih-split`: a wider NIH val split carved out of train by patient (train/nih_labels.py)."""
+"""`medvlm train nih-split`: a wider NIH val split carved out of train by patient (train/nih_labels.py; the labels are read by vlm/datasets.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from eval.tasks import load_task
-from train.nih_labels import label_rows, write_carved_split
+from train.nih_labels import write_carved_split
+from vlm.datasets import label_rows
 from vlm.cli import main
 from vlm.errors import InputError
 

@@ -10,7 +10,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from train.nih_labels import finding_words, label_rows
+from vlm.datasets import finding_words, label_rows, vqa_rad_image_bucket
 
 ORGANS = {"HEAD": "head", "CHEST": "chest", "ABD": "abdomen"}
 MODALITY_WORDS = [  # (regex over a lowercased question or answer, modality); MRI first: "mr flair"
@@ -86,7 +86,6 @@ def write_clip_data(nih: str | Path, vqa_rad: str | Path, out: str | Path) -> di
     """The contrastive pretraining set: NIH train-split finding captions plus VQA-RAD images of the
     `train` bucket (never the val or held-out images, so image-disjoint evaluation stays honest)
     -> OUT/train.jsonl; NIH val-split captions -> OUT/val.jsonl. Returns the counts."""
-    from eval.tasks import vqa_rad_image_bucket
 
     nih, vqa_rad, out = Path(nih), Path(vqa_rad), Path(out)
     counts = {"nih_train": write_label_captions(nih / "labels.csv", "train", out / "nih_train.jsonl"),
@@ -110,8 +109,7 @@ def write_vqa_rad_conversations(trainset_json: str | Path, out_json: str | Path,
 def vqa_rad_conversations(trainset_json: str | Path, buckets: tuple[str, ...] = ("train",),
                           questions_per_conversation: int = 6) -> list[dict]:
     """VQA-RAD question-answer pairs -> LLaVA conversations, several turns per image, the image
-    marker in the first turn; only images in `buckets` (see eval.tasks)."""
-    from eval.tasks import vqa_rad_image_bucket
+    marker in the first turn; only images in `buckets` (see vlm.datasets)."""
 
     path = Path(trainset_json)
     by_image: dict[str, list[dict]] = {}

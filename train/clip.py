@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from train.data import PairRecord, load_pairs
-from train.nih_labels import finding_words, label_rows
+from vlm.datasets import finding_words, label_rows
 from train.stage import StepStats
 from vlm.config import VisionConfig
 from vlm.errors import CheckpointError, ConfigError, InputError

@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 from train.captions import keyed_rng, organs_and_modality_votes, question_answer_turns, top_vote
+from vlm.datasets import vqa_rad_image_bucket
 
 MODALITIES = {"CT": "a CT", "MRI": "an MRI", "x-ray": "an x-ray"}  # name (the answer) -> with article
 ORGANS = {"head": ("head", "brain"), "chest": ("chest",), "abdomen": ("abdomen",)}  # -> the words asked
@@ -106,7 +107,6 @@ def grounding_conversations(trainset_json: str | Path, buckets: tuple[str, ...] 
                             seed: int = 0, open_questions: bool = False) -> list[dict]:
     """`repeats` grounding conversations per VQA-RAD image of `buckets` that has any attribute, as
     LLaVA records; each repeat draws its questions anew, from a seeded RNG keyed by image and repeat."""
-    from eval.tasks import vqa_rad_image_bucket
 
     path = Path(trainset_json)
     records = []

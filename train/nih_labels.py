@@ -1,6 +1,5 @@
-"""The NIH labels CSV (`image,findings,split`, findings joined by "|") as the training stages read it:
-captions and zero-shot prompts (train/clip.py, train/captions.py), report conversations
-(train/reports.py) and the feature probes of eval/image_use.py."""
+"""`medvlm train nih-split`: a copy of the NIH labels with a wider val split carved out of train.
+The labels CSV itself is read by vlm/datasets.py (one reader for training and evaluation)."""
 
 from __future__ import annotations
 
@@ -8,21 +7,8 @@ import csv
 import hashlib
 from pathlib import Path
 
+from vlm.datasets import read_labels
 from vlm.errors import InputError
-
-NO_FINDING = "No Finding"
-
-
-def label_rows(path: Path, split: str) -> list[tuple[Path, frozenset[str]]]:
-    """(image path, its findings without "No Finding") for each row of `split`; a clear error otherwise."""
-    rows, columns = _read_labels(path)
-    if rows and not {"image", "findings", "split"} <= set(columns):
-        raise InputError(f"{path}: needs columns image, findings, split.")
-    out = [(_beside(path, r["image"]), frozenset(f for f in r["findings"].split("|") if f and f != NO_FINDING))
-           for r in rows if r["split"] == split]
-    if not out:
-        raise InputError(f"{path}: no rows in split {split!r}.")
-    return out
 
 
 def write_carved_split(source: Path, out: Path, count: int, seed: int = 0) -> dict[str, int]:
@@ -34,7 +20,7 @@ def write_carved_split(source: Path, out: Path, count: int, seed: int = 0) -> di
     neither row order nor Python's hash; all images of a drawn patient move together. Returns the
     image count per split."""
     labels, images = source / "labels.csv", source / "images"
-    rows, columns = _read_labels(labels)
+    rows, columns = read_labels(labels)
     if not {"image", "split", "patient_id"} <= set(columns):
         raise InputError(f"{labels}: needs columns image, split, patient_id to carve by patient.")
     train_patients = sorted({r["patient_id"] for r in rows if r["split"] == "train"},
@@ -64,22 +50,3 @@ def write_carved_split(source: Path, out: Path, count: int, seed: int = 0) -> di
     return {split: sum(r["split"] == split for r in rows) for split in ("train", "val", "test")}
 
 
-def _read_labels(path: Path) -> tuple[list[dict], list[str]]:
-    """The rows of a labels CSV and its column names; a clear error if it cannot be read."""
-    try:
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            return list(reader), list(reader.fieldnames or [])
-    except OSError as e:
-        raise InputError(f"cannot read labels {path}: {e.strerror}") from e
-
-
-def _beside(csv_path: Path, name: str) -> Path:
-    """An image named in a labels CSV: relative to the CSV, else in images/ beside it (the NIH layout)."""
-    direct = csv_path.parent / name
-    return direct if direct.exists() else csv_path.parent / "images" / name
-
-
-def finding_words(label: str) -> str:
-    """A label as words in a caption: "Pleural_Thickening" -> "pleural thickening"."""
-    return label.replace("_", " ").lower()

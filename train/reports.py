@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 from train.captions import keyed_rng
-from train.nih_labels import label_rows
+from vlm.datasets import label_rows
 
 TEMPLATES = "templates/nih_findings.yaml"
 
