@@ -215,7 +215,7 @@ def markdown_eval(results: dict) -> str:
 
 def add_commands(sub) -> None:
     from eval.bench_model import RANDOM_LLMS, RANDOM_VISIONS, VARIANTS
-    from vlm.cli import add_model_options
+    from vlm.options import add_model_options
 
     p = sub.add_parser("bench", help="speed benchmarks (each compares two variants in one run)")
     kinds = p.add_subparsers(title="benchmarks", metavar="BENCH")
@@ -250,7 +250,7 @@ def add_commands(sub) -> None:
 
 
 def run_bench_eval(args) -> int:
-    from vlm.cli import load_model_from_args
+    from vlm.options import load_model_from_args
 
     model = load_model_from_args(args)
     print(markdown_eval(run_eval_bench(model, args.model, args.data, args.out, args.limit, args.batch_size)))
@@ -258,7 +258,7 @@ def run_bench_eval(args) -> int:
 
 
 def run_bench_serving(args) -> int:
-    from vlm.cli import load_model_from_args
+    from vlm.options import load_model_from_args
 
     model = load_model_from_args(args)
     print(markdown(run_serving_bench(model, args.model, args.image, args.out, args.requests, args.repeats)))
@@ -267,7 +267,7 @@ def run_bench_serving(args) -> int:
 
 def run_bench_model(args) -> int:
     from eval.bench_model import markdown_model, parse_variants, random_llm_config, random_model_config, run_model_bench
-    from vlm.cli import pick_device
+    from vlm.options import pick_device
 
     if args.quantization is not None or args.dtype is not None:
         raise ConfigError("bench model sets precision per variant: use --variants instead of --quantization/--dtype.")

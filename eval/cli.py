@@ -39,7 +39,7 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_task(tasks, name: str) -> None:
-    from vlm.cli import add_model_options
+    from vlm.options import add_model_options
 
     p = tasks.add_parser(name, help=f"evaluate a model on {name}")
     _add_data_options(p)
@@ -57,7 +57,7 @@ def run_eval(args) -> int:
     from eval.plots import markdown
     from eval.run import evaluate
     from eval.tasks import load_task
-    from vlm.cli import load_model_from_args
+    from vlm.options import load_model_from_args
 
     task = load_task(args.task, args.data, split=args.split, limit=args.limit)
     model = load_model_from_args(args)

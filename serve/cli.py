@@ -19,7 +19,7 @@ _WILDCARDS = ("0.0.0.0", "::", "")
 
 
 def add_commands(sub) -> None:
-    from vlm.cli import add_model_options
+    from vlm.options import add_model_options
 
     p = sub.add_parser("serve", help="serve the chat UI and an OpenAI-compatible API",
                        description="Serve the Gradio chat UI at / and the OpenAI-compatible API at /v1 "
@@ -126,7 +126,7 @@ def build_server(args: argparse.Namespace):
 
     from serve.app import build_app
     from serve.engine import Engine
-    from vlm.cli import load_model_from_args
+    from vlm.options import load_model_from_args
 
     check_options(args)
     auth = resolve_auth(args)

@@ -15,14 +15,12 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from vlm.config import LanguageConfig
 from vlm.errors import ConfigError, MedVLMError
 from vlm.generation import GenerationConfig
-from vlm.options import add_options, collect
+from vlm.options import add_model_options, add_options, collect, load_model_from_args
 
 # Packages whose `cli` module adds sub-commands: each exposes add_commands(subparsers).
 COMMAND_MODULES = ("train.cli", "eval.cli", "eval.bench", "serve.cli")
-LANGUAGE_OVERRIDES = ["quantization", "dtype"]
 GENERATION_OPTIONS = ["max_new_tokens", "temperature", "top_p", "seed", "repetition_penalty", "no_repeat_ngram_size"]
 
 
@@ -57,29 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
     for command in sub.choices.values():  # --debug is accepted after the command too
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
-
-
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """--model, --device and the LLM overrides, shared by every command that loads a model."""
-    parser.add_argument("--model", default="demo", help="checkpoint folder or 'demo' (default: demo)")
-    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available, else cpu)")
-    add_options(parser, LanguageConfig, LANGUAGE_OVERRIDES)
-
-
-def load_model_from_args(args):
-    from vlm.model import MedVLM
-
-    return MedVLM.from_pretrained(args.model, device=pick_device(args.device), **collect(args, LanguageConfig, LANGUAGE_OVERRIDES))
-
-
-def pick_device(requested: str | None) -> str:
-    import torch
-
-    if requested:
-        if requested.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"--device {requested}: no CUDA GPU is available here; use --device cpu.")
-        return requested
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # ---- chat --------------------------------------------------------------------------------------

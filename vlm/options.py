@@ -1,7 +1,9 @@
 """Command-line options derived from the config dataclasses, so each option is defined once.
 
 A field's type gives the option's type, its default the default, and the docstring under the
-field (read from the source) its help text.
+field (read from the source) its help text. The model options every command that loads a model
+shares (--model, --device, the LLM overrides) live here too, so that the commands of `train`,
+`eval` and `serve` take them from the library.
 """
 
 from __future__ import annotations
@@ -13,6 +15,11 @@ import inspect
 import textwrap
 import typing
 from functools import lru_cache
+
+from vlm.config import LanguageConfig
+from vlm.errors import ConfigError
+
+LANGUAGE_OVERRIDES = ["quantization", "dtype"]
 
 
 @lru_cache(maxsize=None)
@@ -59,3 +66,26 @@ def _dest(prefix: str, name: str) -> str:
 def _base_type(hint):
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)) else hint
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """--model, --device and the LLM overrides, shared by every command that loads a model."""
+    parser.add_argument("--model", default="demo", help="checkpoint folder or 'demo' (default: demo)")
+    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available, else cpu)")
+    add_options(parser, LanguageConfig, LANGUAGE_OVERRIDES)
+
+
+def load_model_from_args(args):
+    from vlm.model import MedVLM
+
+    return MedVLM.from_pretrained(args.model, device=pick_device(args.device), **collect(args, LanguageConfig, LANGUAGE_OVERRIDES))
+
+
+def pick_device(requested: str | None) -> str:
+    import torch
+
+    if requested:
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {requested}: no CUDA GPU is available here; use --device cpu.")
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
