@@ -1,6 +1,7 @@
 """`medvlm train {clip,align,instruct} --config PRESET_OR_YAML [overrides]`.
 
-A config file (or a preset in train/configs) has a `model:` section (MedVLMConfig) and one
+A config file (or a recipe in train/configs) names its model with `model_preset:` (a model preset
+in vlm/presets) and/or gives a `model:` section (MedVLMConfig fields, over the preset's), and has one
 section per stage, each with `stage:` (the stage's dataclass) and `train:` (TrainConfig) fields.
 Every field can be overridden on the command line; the options are derived from the dataclasses.
 """
@@ -9,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from importlib import resources
 from pathlib import Path
 
 from train.loop import TrainConfig, train
 from vlm.config import MedVLMConfig, from_dict
 from vlm.errors import ConfigError
 from vlm.options import add_options, collect
+from vlm.presets import model_preset_data
 
 STAGES = ("clip", "align", "instruct")
 
@@ -50,7 +53,7 @@ def add_commands(sub) -> None:
              "instruct": "projector + LoRA instruction tuning on conversations"}
     for name in STAGES:
         s = stages.add_parser(name, help=helps[name])
-        s.add_argument("--config", required=True, help="a preset name (train/configs) or a YAML file")
+        s.add_argument("--config", required=True, help="a recipe name (train/configs) or a YAML file")
         s.add_argument("--no-resume", action="store_true", help="start over even if OUT has checkpoints")
         add_options(s, TrainConfig, simple_fields(TrainConfig))
         add_options(s, stage_config_class(name), simple_fields(stage_config_class(name)))
@@ -165,9 +168,9 @@ def run_clip_data(args) -> int:
 
 
 def load_config_file(reference: str) -> dict:
+    """The config mapping of a YAML file, or of the recipe of that name in train/configs, with its
+    `model_preset:` resolved into the `model:` section."""
     import yaml
-
-    from vlm.cli import load_preset
 
     path = Path(reference)
     if path.suffix in (".yaml", ".yml") or path.is_file():
@@ -177,8 +180,26 @@ def load_config_file(reference: str) -> dict:
             raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
         except yaml.YAMLError as e:
             raise ConfigError(f"config {path} is not valid YAML: {e}") from e
-        return data or {}
-    return load_preset(reference)
+    else:
+        recipes = resources.files("train") / "configs"
+        path = recipes / f"{reference}.yaml"
+        if not path.is_file():
+            known = sorted(p.name[:-5] for p in recipes.iterdir() if p.name.endswith(".yaml"))
+            raise ConfigError(f"no preset {reference!r}; known presets: {', '.join(known)}.")
+        data = yaml.safe_load(path.read_text())
+    return with_model_preset(data or {}, where=str(reference))
+
+
+def with_model_preset(data: dict, where: str = "config") -> dict:
+    """`data` with `model_preset: NAME` replaced by a `model:` section: the preset's fields, with
+    those the config's own `model:` section gives over them. A config without one is unchanged."""
+    if not isinstance(data, dict) or "model_preset" not in data:
+        return data
+    name = data["model_preset"]
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}: model_preset must be a preset name, got {name!r}.")
+    rest = {k: v for k, v in data.items() if k != "model_preset"}
+    return {**rest, "model": model_preset_data(name, data.get("model") or {})}
 
 
 def build_stage(name: str, data: dict, overrides_train: dict, overrides_stage: dict):

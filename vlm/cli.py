@@ -12,12 +12,12 @@ import importlib
 import importlib.util
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 
 from vlm.errors import ConfigError, MedVLMError
 from vlm.generation import GenerationConfig
 from vlm.options import add_model_options, add_options, collect, load_model_from_args
+from vlm.presets import preset_names
 
 # Packages whose `cli` module adds sub-commands: each exposes add_commands(subparsers).
 COMMAND_MODULES = ("train.cli", "eval.cli", "eval.bench", "serve.cli")
@@ -151,35 +151,25 @@ def run_info(args) -> int:
 def _add_init(sub) -> None:
     p = sub.add_parser("init", help="write a small untrained checkpoint from a preset")
     p.add_argument("out", type=Path, help="folder to create")
-    p.add_argument("--preset", default="tiny", help="a preset in train/configs (default: tiny)")
+    p.add_argument("--preset", default="tiny", help=f"a model preset: {', '.join(preset_names())} (default: tiny)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--exist-ok", action="store_true", help="keep OUT if it already holds a checkpoint")
     p.set_defaults(run=run_init)
-
-
-def load_preset(name: str) -> dict:
-    import yaml
-
-    path = resources.files("train") / "configs" / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.name[:-5] for p in (resources.files("train") / "configs").iterdir() if p.name.endswith(".yaml"))
-        raise ConfigError(f"no preset {name!r}; known presets: {', '.join(known)}.")
-    return yaml.safe_load(path.read_text()) or {}
 
 
 def run_init(args) -> int:
     import torch
 
     from vlm.checkpoint import save_checkpoint
-    from vlm.config import MedVLMConfig, from_dict
     from vlm.model import MedVLM
+    from vlm.presets import load_model_preset
 
     if args.exist_ok and (args.out / "config.json").is_file():
         print(f"{args.out} already holds a checkpoint; keeping it")
         return 0
     if args.out.exists() and any(args.out.iterdir()):
         raise ConfigError(f"{args.out} exists and is not empty; choose a new folder.")
-    config = from_dict(MedVLMConfig, load_preset(args.preset).get("model", {}), where=f"preset {args.preset}.model")
+    config = load_model_preset(args.preset)
     torch.manual_seed(args.seed)
     model = MedVLM.build(config)
     save_checkpoint(model, args.out)
