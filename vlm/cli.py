@@ -1,5 +1,6 @@
-"""`medvlm`: the one command line. This module holds `chat`, `info` and `init`; the `train`,
-`serve`, `eval` and `bench` commands live beside their code and are registered here when present.
+"""`medvlm`: the one command line. This module holds `chat`, `info` and `init`; other packages add
+their commands (train, eval, bench, serve) through the `medvlm.commands` entry points, each an
+`add_commands(subparsers)` function, so the library names no application package.
 
 Errors a user can cause print one line (no traceback unless --debug) and exit with status 2.
 """
@@ -8,10 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
-import importlib.util
 import sys
 import time
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from vlm.errors import ConfigError, MedVLMError
@@ -19,8 +19,7 @@ from vlm.generation import GenerationConfig
 from vlm.options import add_model_options, add_options, collect, load_model_from_args
 from vlm.presets import preset_names
 
-# Packages whose `cli` module adds sub-commands: each exposes add_commands(subparsers).
-COMMAND_MODULES = ("train.cli", "eval.cli", "eval.bench", "serve.cli")
+COMMANDS_GROUP = "medvlm.commands"
 GENERATION_OPTIONS = ["max_new_tokens", "temperature", "top_p", "seed", "repetition_penalty", "no_repeat_ngram_size"]
 
 
@@ -49,12 +48,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chat(sub)
     _add_info(sub)
     _add_init(sub)
-    for name in COMMAND_MODULES:
-        if importlib.util.find_spec(name.split(".")[0]) and importlib.util.find_spec(name):
-            importlib.import_module(name).add_commands(sub)
+    add_plugin_commands(sub)
     for command in sub.choices.values():  # --debug is accepted after the command too
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
+
+
+def add_plugin_commands(sub) -> None:
+    """Let each installed `medvlm.commands` entry point add its commands. One that cannot be
+    imported (a missing package or dependency) costs its commands and a one-line warning, not the
+    whole command line."""
+    seen = set()
+    for ep in entry_points(group=COMMANDS_GROUP):
+        if ep.name in seen:  # the same plugin found twice on the path
+            continue
+        seen.add(ep.name)
+        try:
+            add_commands = ep.load()
+        except ImportError as e:
+            print(f"medvlm: warning: command {ep.name!r} ({ep.value}) is unavailable: {e}", file=sys.stderr)
+            continue
+        add_commands(sub)
 
 
 # ---- chat --------------------------------------------------------------------------------------
