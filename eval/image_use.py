@@ -32,9 +32,9 @@ from train.captions import organs_and_modality_votes, top_vote
 from train.clip import auroc
 from train.data import load_conversations
 from train.vlm_stage import collate_conversations
-from vlm.checkpoint import load_checkpoint
 from vlm.datasets import label_rows
 from vlm.imaging import load_image
+from vlm.model import MedVLM
 
 
 @torch.no_grad()
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     for p in (gap, probe, findings):
         p.add_argument("--model", default="demo")
     args = parser.parse_args(argv)
-    model = load_checkpoint(args.model).eval()
+    model = MedVLM.from_pretrained(args.model).eval()
     if args.check == "loss-gap":
         result = loss_gap(model, args.data, args.n)
     elif args.check == "probe":

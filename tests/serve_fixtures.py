@@ -31,7 +31,6 @@ TIMEOUT = 60
 def build_taught_checkpoint(tiny_config, folder: Path) -> Path:
     """A tiny model taught fixed replies (the untrained one only babbles whitespace), saved
     as a checkpoint with its own LLM folder. Built once per session: later calls reuse it."""
-    from vlm.checkpoint import save_checkpoint
     from vlm.model import MedVLM
 
     checkpoint = folder / "checkpoint"
@@ -64,7 +63,7 @@ def build_taught_checkpoint(tiny_config, folder: Path) -> Path:
     model.llm.save_pretrained(llm_dir)
     model.tokenizer.save_pretrained(llm_dir)
     model.config = model.config.replace(language={"source": str(llm_dir)})
-    return save_checkpoint(model, checkpoint)
+    return model.save_pretrained(checkpoint)
 
 
 def free_port() -> int:

@@ -29,9 +29,7 @@ def _check_variant(v: dict) -> None:
 
 
 def test_bench_model_on_a_checkpoint_measures_fp32_and_nf4(tiny_model, tmp_path, capsys):
-    from vlm.checkpoint import save_checkpoint
-
-    save_checkpoint(tiny_model, tmp_path / "ckpt")
+    tiny_model.save_pretrained(tmp_path / "ckpt")
     out = tmp_path / "model.json"
     rc = main(["bench", "model", "--model", str(tmp_path / "ckpt"), "--device", "cpu", "--images", "2",
                "--repeats", "1", "--new-tokens", "3", "--batch", "2", "--out", str(out)])

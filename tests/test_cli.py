@@ -8,14 +8,13 @@ import sys
 
 import pytest
 
-from vlm.checkpoint import save_checkpoint
 from vlm.cli import build_parser, main
 from vlm.generation import GenerationConfig, TextStream
 
 
 @pytest.fixture
 def tiny_checkpoint(tiny_model, tmp_path):
-    return save_checkpoint(tiny_model, tmp_path / "tiny-ckpt")
+    return tiny_model.save_pretrained(tmp_path / "tiny-ckpt")
 
 
 def test_stream_pieces_add_up_to_the_generated_reply(tiny_model, vqa_rad_image):

@@ -18,7 +18,6 @@ from PIL import Image
 from eval.plots import markdown
 from eval.run import evaluate, read_predictions, score_predictions, shuffled_reports_control
 from eval.tasks import DataError, load_task
-from vlm.checkpoint import save_checkpoint
 from vlm.cli import main
 from vlm.errors import ConfigError
 
@@ -58,7 +57,7 @@ def checkpoint(tiny_config, tmp_path_factory) -> Path:
     from vlm.model import MedVLM
 
     torch.manual_seed(0)
-    return save_checkpoint(MedVLM.build(tiny_config), tmp_path_factory.mktemp("ckpt") / "tiny")
+    return MedVLM.build(tiny_config).save_pretrained(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vlm.checkpoint import load_checkpoint, save_checkpoint
+from vlm.checkpoint import stored_parts
 from vlm.errors import CheckpointError, InputError
 from vlm.generation import GenerationConfig, generate_ids, prepare
 from vlm.model import MedVLM
@@ -104,9 +104,9 @@ def test_save_then_load_gives_identical_logits(tiny_config, tmp_path):
             if "lora_B" in name:
                 p.normal_(0, 0.5)
     batch = prepare(model, [_ask("Is the heart enlarged?")], [[_image(9)]])
-    folder = save_checkpoint(model, tmp_path / "ckpt")
+    folder = model.save_pretrained(tmp_path / "ckpt")
     assert {p.name for p in folder.iterdir()} >= {"config.json", "projector.safetensors", "vision.safetensors", "adapter", "MODEL_CARD.md"}
-    loaded = load_checkpoint(str(folder))
+    loaded = MedVLM.from_pretrained(str(folder))
     with torch.no_grad():
         before = model(batch.input_ids, batch.attention_mask, batch.pixel_values).logits
         after = loaded(batch.input_ids, batch.attention_mask, batch.pixel_values).logits
@@ -131,15 +131,27 @@ def test_projector_input_norm_makes_image_tokens_independent_of_feature_scale(ti
 
 
 def test_damaged_checkpoint_fails_clearly(tiny_model, tmp_path):
-    folder = save_checkpoint(tiny_model, tmp_path / "ckpt")
+    folder = tiny_model.save_pretrained(tmp_path / "ckpt")
     (folder / "projector.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(CheckpointError, match="damaged"):
-        load_checkpoint(str(folder))
+        MedVLM.from_pretrained(str(folder))
     (folder / "projector.safetensors").unlink()
     with pytest.raises(CheckpointError, match="missing"):
-        load_checkpoint(str(folder))
+        MedVLM.from_pretrained(str(folder))
     with pytest.raises(CheckpointError, match="no config.json"):
-        load_checkpoint(str(tmp_path))
+        MedVLM.from_pretrained(str(tmp_path))
+
+
+def test_checkpoint_stores_the_parts_its_config_names(tiny_model, tmp_path):
+    frozen_hub_tower = dataclasses.replace(tiny_model.config.vision, arch=None, source="hf-hub:org/tower")
+    assert stored_parts(dataclasses.replace(tiny_model.config, vision=frozen_hub_tower)) == ("projector",)
+    assert set(tiny_model.trainable_state()) == set(stored_parts(tiny_model.config)) == {"projector", "vision"}
+    folder = tiny_model.save_pretrained(tmp_path / "ckpt")
+    assert (folder / "MODEL_CARD.md").read_text().startswith("# ckpt\n")  # the folder's name, not the temporary one's
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary folder left
+    (folder / "vision.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="vision.safetensors is missing"):
+        MedVLM.from_pretrained(str(folder))
 
 
 def test_4bit_nf4_llm_loads_and_generates_on_cpu(tiny_config):

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from tests.train_fixtures import pretrain_llm_on_captions, write_config, write_conversations, write_pairs
 from train import state as saved
 from train.loop import TrainConfig, lr_factor
-from vlm.checkpoint import load_checkpoint
 from vlm.cli import main
+from vlm.model import MedVLM
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ def test_stage_runs_three_steps_through_the_cli(stage, data, tiny_llm_dir, tmp_p
     run = tmp_path / "run"
     assert len(_losses(run)) == 3
     assert (run / "loss.png").stat().st_size > 1000
-    model = load_checkpoint(str(run / "final"))
+    model = MedVLM.from_pretrained(str(run / "final"))
     assert model.config.language.lora_r == (4 if stage == "instruct" else 0)
     with (run / "metrics.csv").open() as f:
         header = next(csv.reader(f))
@@ -194,7 +194,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(data, tiny_ll
     assert latest is not None and latest.name == "step-00000001"
     trainer = json.loads((latest / "trainer.json").read_text())
     assert trainer["step"] == 1
-    load_checkpoint(str(latest / "model"))  # loadable
+    MedVLM.from_pretrained(str(latest / "model"))  # loadable
     # and a rerun resumes from it, cleaning the half-written folder
     assert _train("instruct", config, data["instruct"], out, "--steps", "3") == 0
     assert not list((out / "checkpoints").glob(".tmp-*"))

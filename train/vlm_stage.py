@@ -12,7 +12,6 @@ import torch
 from train.data import ConversationRecord, load_conversations, load_pairs
 from train.loop import to_device
 from train.stage import StepStats
-from vlm.checkpoint import load_trained_parts, save_checkpoint
 from vlm.config import MedVLMConfig, VisionConfig
 from vlm.errors import ConfigError
 from vlm.imaging import load_image
@@ -145,10 +144,10 @@ class VLMStage:
         return {"val_loss": sum(losses) / len(losses)}
 
     def save(self, model, folder: Path) -> None:
-        save_checkpoint(model, folder)
+        model.save_pretrained(folder)
 
     def load_trained(self, model, folder: Path) -> None:
-        load_trained_parts(model, folder)
+        model.load_trained_parts(folder)
 
 
 def collate_conversations(model, records: list[ConversationRecord]) -> dict:

@@ -174,7 +174,6 @@ def _add_init(sub) -> None:
 def run_init(args) -> int:
     import torch
 
-    from vlm.checkpoint import save_checkpoint
     from vlm.model import MedVLM
     from vlm.presets import load_model_preset
 
@@ -186,7 +185,7 @@ def run_init(args) -> int:
     config = load_model_preset(args.preset)
     torch.manual_seed(args.seed)
     model = MedVLM.build(config)
-    save_checkpoint(model, args.out)
+    model.save_pretrained(args.out)
     print(f"wrote an untrained {args.preset} checkpoint to {args.out} ({model.num_image_tokens} image tokens)")
     return 0
 

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from vlm import checkpoint
 from vlm.config import MedVLMConfig
 from vlm.errors import InputError
 from vlm.language import attach_lora, load_language_model
@@ -56,10 +57,24 @@ class MedVLM(nn.Module):
         return cls(config, vision, projector, llm, tokenizer).eval()
 
     @classmethod
-    def from_pretrained(cls, reference: str, device: str | torch.device = "cpu", **overrides) -> "MedVLM":
-        from vlm.checkpoint import load_checkpoint
+    def from_pretrained(cls, reference: str, device: str | torch.device = "cpu", lora_trainable: bool = False,
+                        **language_overrides) -> "MedVLM":
+        """Load a checkpoint folder (a path or `demo`); `language_overrides` change e.g. quantization."""
+        found = checkpoint.open_checkpoint(reference, **language_overrides)
+        model = cls.build(found.config, device=device, adapter_dir=found.adapter_dir, lora_trainable=lora_trainable)
+        model.load_trained_parts(found.folder, adapter=False)  # build already loaded the adapter
+        return model
 
-        return load_checkpoint(reference, device=device, **overrides)
+    def save_pretrained(self, folder: str | Path, card: str | None = None) -> Path:
+        """Write the config and trained parts to `folder` atomically (see vlm.checkpoint); return it."""
+        adapter = self.llm if hasattr(self.llm, "peft_config") else None
+        return checkpoint.write_checkpoint(folder, self.config, self.trainable_state(), adapter=adapter, card=card)
+
+    def load_trained_parts(self, folder: str | Path, adapter: bool = True) -> None:
+        """Load a checkpoint's projector, vision tower and (with `adapter`) LoRA weights into this model."""
+        checkpoint.load_parts(folder, self.config, self._part_modules())
+        if adapter:
+            checkpoint.load_adapter_weights(self.llm, folder)
 
     @property
     def device(self) -> torch.device:
@@ -127,12 +142,13 @@ class MedVLM(nn.Module):
                     module.eval()
         return self
 
+    def _part_modules(self) -> dict[str, nn.Module]:
+        return {"projector": self.projector, "vision": self.vision.visual}
+
     def trainable_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """The parts a checkpoint stores: projector always, the vision tower when it is not a hub base."""
-        parts = {"projector": self.projector.state_dict()}
-        if self.config.vision.trainable or self.config.vision.arch is not None:
-            parts["vision"] = self.vision.visual.state_dict()
-        return parts
+        """The parts a checkpoint stores (vlm.checkpoint.stored_parts decides which), as state dicts."""
+        modules = self._part_modules()
+        return {part: modules[part].state_dict() for part in checkpoint.stored_parts(self.config)}
 
     def generate(self, messages_batch: list[list[dict]], images: list[list[Image.Image]], **generation):
         """Generate replies for a batch of conversations; see vlm.generation.generate."""
