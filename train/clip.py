@@ -14,7 +14,6 @@ import math
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -104,9 +103,9 @@ class ClipStage:
             pre = vision.arch.get("preprocess_cfg", {})
         else:
             import open_clip
-            from vlm.vision import _open_clip_name
+            from vlm.vision import open_clip_name
 
-            name = _open_clip_name(vision.source)
+            name = open_clip_name(vision.source)
             source_cfg = open_clip.get_model_config(name) or {}
             if "vision_cfg" not in source_cfg:
                 raise ConfigError(f"vision.source {vision.source!r}: open_clip has no model config for it.")
@@ -180,14 +179,14 @@ class ClipStage:
         return {"images": images, "texts": texts[:, :longest]}
 
     def _pixels(self, image, augment: bool) -> torch.Tensor:
-        from vlm.vision import VisionTower
+        from vlm.vision import letterbox
 
         if augment:
             image = _random_crop(image)
         size = self.spec["vision_cfg"].get("image_size", 224)  # open_clip's CLIPVisionCfg default
         size = int(size[0] if isinstance(size, (list, tuple)) else size)
         # VisionTower's own letterbox (whole image, padded black): MedVLM sees exactly what CLIP saw.
-        pixels = VisionTower._to_tensor(SimpleNamespace(image_size=size), image)
+        pixels = letterbox(image, size)
         mean, std = (torch.tensor(v).view(3, 1, 1) for v in (self.spec["mean"], self.spec["std"]))
         return (pixels - mean) / std
 
@@ -298,9 +297,9 @@ class ClipStage:
         self.tokenizer.save_pretrained(str(folder))
 
     def load_trained(self, model: nn.Module, folder: Path) -> None:
-        from vlm.checkpoint import _load_part
+        from vlm.checkpoint import load_part
 
-        _load_part(getattr(model, "module", model), Path(folder) / "open_clip_model.safetensors", required=True)
+        load_part(getattr(model, "module", model), Path(folder) / "open_clip_model.safetensors", required=True)
 
 
 def vision_from_clip(folder: str | Path) -> tuple[VisionConfig, dict[str, torch.Tensor]]:

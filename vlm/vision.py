@@ -65,18 +65,21 @@ class VisionTower(nn.Module):
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         """PIL images -> normalized [B, 3, S, S]. The whole image is kept: the longest side is
         resized to S and the rest padded black (center-cropping could cut off a lung apex)."""
-        batch = [self._to_tensor(image) for image in images]
+        batch = [letterbox(image, self.image_size) for image in images]
         return (torch.stack(batch) - self.mean) / self.std
 
-    def _to_tensor(self, image: Image.Image) -> torch.Tensor:
-        image = image.convert("RGB")
-        s = self.image_size
-        scale = s / max(image.size)
-        w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
-        canvas = Image.new("RGB", (s, s))
-        canvas.paste(image.resize((w, h), Image.Resampling.BICUBIC), ((s - w) // 2, (s - h) // 2))
-        data = torch.frombuffer(bytearray(canvas.tobytes()), dtype=torch.uint8)
-        return data.view(s, s, 3).permute(2, 0, 1).float() / 255.0
+
+def letterbox(image: Image.Image, size: int) -> torch.Tensor:
+    """A PIL image -> [3, size, size] floats in [0, 1], not normalized: the longest side resized to
+    `size` (bicubic), the image centered and the rest padded black."""
+    image = image.convert("RGB")
+    s = size
+    scale = s / max(image.size)
+    w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    canvas = Image.new("RGB", (s, s))
+    canvas.paste(image.resize((w, h), Image.Resampling.BICUBIC), ((s - w) // 2, (s - h) // 2))
+    data = torch.frombuffer(bytearray(canvas.tobytes()), dtype=torch.uint8)
+    return data.view(s, s, 3).permute(2, 0, 1).float() / 255.0
 
 
 def build_visual(cfg: VisionConfig) -> tuple[nn.Module, tuple, tuple]:
@@ -90,7 +93,7 @@ def build_visual(cfg: VisionConfig) -> tuple[nn.Module, tuple, tuple]:
         visual = open_clip.model._build_vision_tower(cfg.arch["embed_dim"], vision_cfg)
         pre = cfg.arch.get("preprocess_cfg", {})
         return visual, tuple(pre.get("mean", OPENAI_MEAN)), tuple(pre.get("std", OPENAI_STD))
-    name = _open_clip_name(cfg.source)
+    name = open_clip_name(cfg.source)
     kwargs = {"force_image_size": cfg.image_size} if cfg.image_size else {}
     try:
         # pretrained_text=False: the text tower is dropped below and must not fetch BERT weights.
@@ -103,7 +106,9 @@ def build_visual(cfg: VisionConfig) -> tuple[nn.Module, tuple, tuple]:
     return model.visual, tuple(pre.get("mean", OPENAI_MEAN)), tuple(pre.get("std", OPENAI_STD))
 
 
-def _open_clip_name(reference: str) -> str:
+def open_clip_name(reference: str) -> str:
+    """The name open_clip builds a tower from: a builtin architecture as is, `hf-hub:ID` for a hub
+    source, `local-dir:PATH` for a folder with an open_clip_config.json."""
     import open_clip
 
     if reference in open_clip.list_models():
