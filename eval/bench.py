@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
-import platform
 import statistics
 import threading
 import time
@@ -26,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from eval.bench_common import machine, write_results
 from vlm.errors import ConfigError
 from vlm.generation import ConversationCache, GenerationConfig, TextStream
 
@@ -151,10 +150,6 @@ def _batched_answers(model, questions, order: list[int], batch_size: int, gen) -
     return answers, time.perf_counter() - start
 
 
-def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
-
-
 def run_serving_bench(model, model_ref: str, image_path: str, out: str, requests: int = 16, repeats: int = 5) -> dict:
     from vlm.imaging import load_image
 
@@ -164,8 +159,7 @@ def run_serving_bench(model, model_ref: str, image_path: str, out: str, requests
     results = {"model": model_ref, "image": Path(image_path).name, "machine": machine(),
                "follow_up": bench_follow_up(model, image, repeats=repeats),
                "api_load": bench_api_load(model, png.getvalue(), requests=requests)}
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(results, indent=2))
+    write_results(results, out)
     return results
 
 
@@ -191,8 +185,7 @@ def run_eval_bench(model, model_ref: str, vqa_rad: str, out: str, limit: int = 6
     questions = [(item.question, load_image(item.image).to_pil()) for item in task.items]
     results = {"model": model_ref, "task": f"vqa-rad test, first {len(questions)} questions", "machine": machine(),
                "eval_batching": bench_eval_batching(model, questions, batch_size=batch_size)}
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(results, indent=2))
+    write_results(results, out)
     return results
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import json
 import re
 import statistics
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from eval.bench_common import machine, write_results
 from vlm.errors import ConfigError
 
 # Sizes of the published models; only the architecture matters for speed, the weights are random.
@@ -321,7 +321,6 @@ def run_model_bench(model_ref: str | None, device: str, out: str, variants: list
                     repeats: int = 5, new_tokens: int = 32, batch: int = 8, random_llm: str | None = None,
                     random_vision: str | None = None, image=None) -> dict:
     """Measure every variant of one model (a checkpoint, or random weights) in this process."""
-    from eval.bench import machine
     from vlm.model import MedVLM
 
     for option, value, least in (("--images", images, 1), ("--repeats", repeats, 1), ("--new-tokens", new_tokens, 2),
@@ -348,8 +347,7 @@ def run_model_bench(model_ref: str | None, device: str, out: str, variants: list
                 return MedVLM.from_pretrained(model_ref, device=device, **overrides)
         for name in variants:
             results["variants"][name] = bench_variant(load, name, device, image, settings, bandwidth)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(results, indent=2))
+    write_results(results, out)
     return results
 
 
