@@ -109,7 +109,7 @@ def bench_eval_batching(model, questions: list[tuple[str, object]], batch_size: 
     `generate` loop in the LLaVA-Med style, on the same questions, and how often the two give the
     same answer tokens. The batches are timed twice: sorted by prompt length (as the evaluation
     forms them) and in dataset order (before length sorting), to show what the sorting saves."""
-    from eval.run import prompt_length_order
+    from eval.predict import prompt_length_order
     from vlm.generation import cut_at_stop, prepare, stop_token_ids
     from vlm.prompts import vqa_messages
 

@@ -81,7 +81,7 @@ def run_score(args) -> int:
 
 
 def run_compare(args) -> int:
-    from eval.run import compare
+    from eval.results import compare
 
     print(compare(args.run_a, args.run_b))
     return 0

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from eval.labeler import OBSERVATIONS, clinical_efficacy, nih_to_chexpert
-from eval.run import majority_report_baseline
+from eval.score import majority_report_baseline
 from train.captions import organs_and_modality_votes, top_vote
 from train.clip import auroc
 from train.data import load_conversations

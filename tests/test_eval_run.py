@@ -16,7 +16,9 @@ import pytest
 from PIL import Image
 
 from eval.plots import markdown
-from eval.run import evaluate, read_predictions, score_predictions, shuffled_reports_control
+from eval.predict import read_predictions
+from eval.run import evaluate, score_predictions
+from eval.score import shuffled_reports_control
 from eval.tasks import DataError, load_task
 from vlm.cli import main
 from vlm.errors import ConfigError

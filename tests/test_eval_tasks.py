@@ -126,7 +126,7 @@ def test_pmc_vqa_multiple_choice(tmp_path):
 
 
 def test_pmc_vqa_predictions_are_scored_by_letter_or_text(tmp_path):
-    from eval.run import score
+    from eval.score import score
 
     test_pmc_vqa_multiple_choice(tmp_path)
     task = load_task("pmc-vqa", tmp_path / "test.csv")
@@ -219,7 +219,7 @@ def test_vqa_rad_splits_sizes_and_image_disjointness(vqa_rad):
 
 def test_vqa_rad_standard_test_is_scored_by_image_bucket(vqa_rad):
     from eval.plots import markdown
-    from eval.run import score
+    from eval.score import score
 
     task = load_task("vqa-rad", vqa_rad, split="test")
     assert all(it.image_group == vqa_rad_image_bucket(it.image.name) for it in task.items)
