@@ -54,7 +54,7 @@ def _add_task(tasks, name: str) -> None:
 
 
 def run_eval(args) -> int:
-    from eval.plots import markdown
+    from eval.tables import markdown
     from eval.run import evaluate
     from eval.tasks import load_task
     from vlm.options import load_model_from_args
@@ -71,7 +71,7 @@ def run_eval(args) -> int:
 
 
 def run_score(args) -> int:
-    from eval.plots import markdown
+    from eval.tables import markdown
     from eval.run import score_predictions
 
     results = score_predictions(args.task, args.predictions, args.data, split=args.split, out_dir=args.out,

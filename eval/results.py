@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from eval import plots
+from eval.figures import write_plots
+from eval.tables import RULES, compare_table, markdown
 from eval.tasks import DataError
 
 
@@ -21,11 +22,11 @@ def _load_results(run: str | Path) -> dict:
 
 def compare(run_a: str | Path, run_b: str | Path) -> str:
     """Markdown table of two runs' headline numbers, with their 95% intervals and B - A."""
-    return plots.compare_table(_load_results(run_a), _load_results(run_b), str(run_a), str(run_b))
+    return compare_table(_load_results(run_a), _load_results(run_b), str(run_a), str(run_b))
 
 
 def write_results(out: Path, results: dict) -> None:
-    results["rules"] = plots.RULES[results["kind"]]
-    results["plots"] = plots.write_plots(out, results)
+    results["rules"] = RULES[results["kind"]]
+    results["plots"] = write_plots(out, results)
     (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
-    (out / "results.md").write_text(plots.markdown(results), encoding="utf-8")
+    (out / "results.md").write_text(markdown(results), encoding="utf-8")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from eval.plots import markdown
+from eval.tables import markdown
 from eval.predict import read_predictions
 from eval.run import evaluate, score_predictions
 from eval.score import shuffled_reports_control

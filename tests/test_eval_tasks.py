@@ -218,7 +218,7 @@ def test_vqa_rad_splits_sizes_and_image_disjointness(vqa_rad):
 
 
 def test_vqa_rad_standard_test_is_scored_by_image_bucket(vqa_rad):
-    from eval.plots import markdown
+    from eval.tables import markdown
     from eval.score import score
 
     task = load_task("vqa-rad", vqa_rad, split="test")
