@@ -69,17 +69,17 @@ def test_instruct_trains_the_tower_at_its_fraction_of_the_lr(data, tiny_llm_dir,
 
     config = write_config(tmp_path, tiny_llm_dir, steps=2)
     stage, _ = build_stage("instruct", load_config_file(str(config)), {},
-                           {"train_data": str(data["instruct"]), "train_vision": True, "vision_lr_scale": 0.25})
+                           {"train_data": str(data["instruct"]), "vision_lr_scale": 0.25}, {"vision": {"trainable": True}})
     model = stage.build_model()
     groups = stage.param_groups(model)
     vision = {id(p) for p in model.vision.parameters()}
     assert [g["lr_scale"] for g in groups] == [1.0, 0.25]
     assert {id(p) for p in groups[1]["params"]} == vision and not vision & {id(p) for p in groups[0]["params"]}
     assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
-    assert _train("instruct", config, data["instruct"], tmp_path / "run", "--train-vision",
+    assert _train("instruct", config, data["instruct"], tmp_path / "run", "--model.vision.trainable",
                   "--vision-lr-scale", "0.25") == 0
     assert (tmp_path / "run" / "final" / "vision.safetensors").is_file()
-    assert _train("instruct", config, data["instruct"], tmp_path / "bad", "--train-vision",
+    assert _train("instruct", config, data["instruct"], tmp_path / "bad", "--model.vision.trainable",
                   "--vision-lr-scale", "0") == 2
     assert "vision_lr_scale must be in (0, 1]" in capsys.readouterr().err
 

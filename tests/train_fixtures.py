@@ -62,7 +62,7 @@ def write_config(folder: Path, llm_dir: Path, steps: int = 3, lr: float = 3e-3, 
         "model": {"vision": {"source": "", "arch": TINY_VIT}, "projector": {"kind": "mlp2x_gelu"},
                   "language": {"source": str(llm_dir)}, "max_length": 256},
         "align": {"stage": {}, "train": train_section},
-        "instruct": {"stage": {"lora_r": 4}, "train": train_section},
+        "instruct": {"model": {"language": {"lora_r": 4}}, "stage": {}, "train": train_section},
     }
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(data))

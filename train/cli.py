@@ -2,21 +2,21 @@
 
 A config file (or a recipe in train/configs) names its model with `model_preset:` (a model preset
 in vlm/presets) and/or gives a `model:` section (MedVLMConfig fields, over the preset's), and has one
-section per stage, each with `stage:` (the stage's dataclass) and `train:` (TrainConfig) fields.
-Every field can be overridden on the command line; the options are derived from the dataclasses.
+section per stage, each with `stage:` (the stage's dataclass) and `train:` (TrainConfig) fields and,
+for align and instruct, an optional `model:` section of MedVLMConfig fields for that stage alone.
+Every field can be overridden on the command line; the options are derived from the dataclasses
+(model fields with a prefix: `--model.language.lora-r 16`, `--model.vision.trainable`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from importlib import resources
 from pathlib import Path
 
 from train.loop import TrainConfig, train
 from vlm.config import MedVLMConfig, from_dict
 from vlm.errors import ConfigError
-from vlm.options import add_options, collect
+from vlm.options import add_nested_options, add_options, collect, collect_nested, simple_fields
 from vlm.presets import model_preset_data
 
 STAGES = ("clip", "align", "instruct")
@@ -32,19 +32,6 @@ def stage_config_class(name: str) -> type:
     return VLMStageConfig
 
 
-def simple_fields(cls: type) -> list[str]:
-    """Fields a command-line option can set (str, int, float, bool, or optional of those)."""
-    hints = typing.get_type_hints(cls)
-    simple = (str, int, float, bool)
-    names = []
-    for f in dataclasses.fields(cls):
-        args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)]
-        base = args[0] if len(args) == 1 else hints[f.name]
-        if base in simple:
-            names.append(f.name)
-    return names
-
-
 def add_commands(sub) -> None:
     p = sub.add_parser("train", help="train a stage: clip, align or instruct")
     stages = p.add_subparsers(title="stages", metavar="STAGE")
@@ -57,6 +44,8 @@ def add_commands(sub) -> None:
         s.add_argument("--no-resume", action="store_true", help="start over even if OUT has checkpoints")
         add_options(s, TrainConfig, simple_fields(TrainConfig))
         add_options(s, stage_config_class(name), simple_fields(stage_config_class(name)))
+        if name != "clip":  # clip trains its own tower (its stage's `vision`), not a MedVLM
+            add_nested_options(s, MedVLMConfig, "model")
         s.set_defaults(run=run_train, stage=name)
     data = stages.add_parser("clip-data", help="write caption pairs for `train clip` from NIH and VQA-RAD")
     data.add_argument("--nih", required=True, help="the nih_cxr folder (labels.csv, images/)")
@@ -202,29 +191,49 @@ def with_model_preset(data: dict, where: str = "config") -> dict:
     return {**rest, "model": model_preset_data(name, data.get("model") or {})}
 
 
-def build_stage(name: str, data: dict, overrides_train: dict, overrides_stage: dict):
-    """The stage object and TrainConfig for `name`, from a config mapping plus overrides."""
+def build_stage(name: str, data: dict, overrides_train: dict, overrides_stage: dict,
+                overrides_model: dict | None = None):
+    """The stage object and TrainConfig for `name`, from a config mapping plus overrides
+    (`overrides_model`: MedVLMConfig fields as a nested dict, e.g. {"language": {"lora_r": 16}})."""
     section = data.get(name) or {}
     train_cfg = from_dict(TrainConfig, {**section.get("train", {}), **overrides_train}, where=f"{name}.train")
     stage_cls = stage_config_class(name)
     stage_cfg = from_dict(stage_cls, {**section.get("stage", {}), **overrides_stage}, where=f"{name}.stage")
     if name == "clip":
+        if section.get("model") or overrides_model:
+            raise ConfigError("clip trains an image tower, not a MedVLM: give its tower under clip.stage.vision, "
+                              "not model fields.")
         from train.clip import ClipStage
 
         return ClipStage(stage_cfg, seed=train_cfg.seed, skip_bad=train_cfg.skip_bad), train_cfg
-    model_cfg = from_dict(MedVLMConfig, data.get("model", {}), where="model")
+    changes = merge_model_fields(section.get("model") or {}, overrides_model or {}, where=f"{name}.model")
+    model_cfg = from_dict(MedVLMConfig, merge_model_fields(data.get("model") or {}, changes), where="model")
     from train.align import AlignStage
     from train.instruct import InstructStage
 
     cls = AlignStage if name == "align" else InstructStage
-    return cls(stage_cfg, model_cfg, train_cfg.batch_size, train_cfg.skip_bad), train_cfg
+    return cls(stage_cfg, model_cfg, train_cfg.batch_size, train_cfg.skip_bad, model_changes=changes), train_cfg
+
+
+def merge_model_fields(base: dict, changes: dict, where: str = "model") -> dict:
+    """MedVLMConfig fields `changes` over `base`: a section (vision, projector, language) is updated
+    key by key, a mapping value inside it (vision.arch) replaced whole, as for a preset's overrides."""
+    for mapping, name in ((base, "model"), (changes, where)):
+        if not isinstance(mapping, dict):
+            raise ConfigError(f"{name} must be a mapping of model fields, got {type(mapping).__name__}.")
+    merged = dict(base)
+    for key, value in changes.items():
+        old = merged.get(key)
+        merged[key] = {**old, **value} if isinstance(old, dict) and isinstance(value, dict) else value
+    return merged
 
 
 def run_train(args) -> int:
     data = load_config_file(args.config)
     stage_cls = stage_config_class(args.stage)
+    model = collect_nested(args, MedVLMConfig, "model") if args.stage != "clip" else {}
     stage, cfg = build_stage(args.stage, data, collect(args, TrainConfig, simple_fields(TrainConfig)),
-                             collect(args, stage_cls, simple_fields(stage_cls)))
+                             collect(args, stage_cls, simple_fields(stage_cls)), model)
     final = train(stage, cfg, resume=not args.no_resume)
     print(f"trained {args.stage}: model in {final}; metrics in {Path(cfg.out) / 'metrics.csv'}, plot {Path(cfg.out) / 'loss.png'}")
     return 0

@@ -30,12 +30,6 @@ class VLMStageConfig:
     """A `medvlm train clip` output folder whose trained image tower replaces the model's."""
     caption_prompt: str = "<image>\nDescribe the image briefly."
     """User turn paired with each caption when training on image-text pairs."""
-    lora_r: int = 0
-    """LoRA rank for instruct (0 keeps the init model's adapter, or none)."""
-    quantization: str = ""
-    """Override the LLM's quantization (none, 8bit, 4bit); empty keeps the model's."""
-    train_vision: bool = False
-    """Also train the vision tower (instruct)."""
     vision_lr_scale: float = 0.2
     """The trained vision tower's learning rate, as a fraction of the stage's: a pretrained tower
     should move less than the fresh adapter and projector beside it."""
@@ -54,8 +48,11 @@ def with_clip_tower(config: MedVLMConfig, clip_vision: VisionConfig) -> MedVLMCo
 class VLMStage:
     name = "vlm"
 
-    def __init__(self, cfg: VLMStageConfig, model_config: MedVLMConfig, train_batch: int, skip_bad: bool):
-        self.cfg, self.model_config = cfg, model_config
+    def __init__(self, cfg: VLMStageConfig, model_config: MedVLMConfig, train_batch: int, skip_bad: bool,
+                 model_changes: dict | None = None):
+        """`model_config` builds a fresh model; `model_changes` (MedVLMConfig fields as a nested dict:
+        the stage's own `model:` section and the `--model.*` options) apply to an `init` checkpoint's."""
+        self.cfg, self.model_config, self.model_changes = cfg, model_config, model_changes or {}
         self.train_batch, self.skip_bad = train_batch, skip_bad
         self.model = None
 
@@ -63,14 +60,12 @@ class VLMStage:
     def build_model(self):
         from vlm.model import MedVLM
 
-        overrides = {"quantization": self.cfg.quantization} if self.cfg.quantization else {}
         if self.cfg.init and self.cfg.vision_from:
             raise ConfigError("vision_from starts a fresh model; the init checkpoint already has its tower.")
         if self.cfg.init:
-            model = MedVLM.from_pretrained(self.cfg.init, lora_trainable=True, **overrides)
+            model = self._from_init()
         else:
-            config = self.model_config.replace(language=overrides) if overrides else self.model_config
-            state = None
+            config, state = self.model_config, None
             if self.cfg.vision_from:
                 from train.clip import vision_from_clip
 
@@ -81,6 +76,29 @@ class VLMStage:
                 model.vision.visual.load_state_dict(state)
         self.model = self.configure(model)
         return self.model
+
+    def _from_init(self):
+        """The `init` checkpoint with the model changes that can apply to trained weights: the LLM's
+        quantization and dtype (as at loading for every command), the LoRA fields of a fresh adapter
+        (used only where the checkpoint has none) and whether the tower trains."""
+        from vlm.model import MedVLM
+        from vlm.options import LANGUAGE_OVERRIDES
+
+        language, vision = self.model_changes.get("language", {}), self.model_changes.get("vision", {})
+        loading = {k: v for k, v in language.items() if k in LANGUAGE_OVERRIDES}
+        lora = {k: v for k, v in language.items() if k.startswith("lora_")}
+        fixed = sorted({k for k in self.model_changes if k not in ("language", "vision")}
+                       | {f"language.{k}" for k in set(language) - set(loading) - set(lora)}
+                       | {f"vision.{k}" for k in vision if k != "trainable"})
+        if fixed:
+            raise ConfigError(f"init {self.cfg.init}: the checkpoint's model keeps its {', '.join(fixed)}; only "
+                              f"language {', '.join(LANGUAGE_OVERRIDES)}, the LoRA fields and vision.trainable change.")
+        model = MedVLM.from_pretrained(self.cfg.init, lora_trainable=True, **loading)
+        if lora and not hasattr(model.llm, "peft_config"):
+            model.config = model.config.replace(language=lora)
+        if vision:
+            model.config = model.config.replace(vision=vision)
+        return model
 
     def configure(self, model):
         """Set requires_grad for this stage; subclasses decide."""

@@ -35,15 +35,16 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def add_options(parser: argparse.ArgumentParser, cls: type, fields: list[str], prefix: str = "") -> None:
-    """Add `--[prefix-]field-name` for each named field of dataclass `cls`; defaults stay None so
+def add_options(parser: argparse.ArgumentParser, cls: type, fields: list[str], prefix: str = "",
+                sep: str = "-") -> None:
+    """Add `--[prefix<sep>]field-name` for each named field of dataclass `cls`; defaults stay None so
     that only options the user gave override a loaded config."""
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     docs = field_docs(cls)
     for name in fields:
         f = known[name]
-        flag = "--" + (f"{prefix}-" if prefix else "") + name.replace("_", "-")
+        flag = "--" + (f"{prefix}{sep}" if prefix else "") + name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f"{docs.get(name, '')} (default: {default})".strip()
         kind = _base_type(hints[name])
@@ -57,6 +58,37 @@ def collect(args: argparse.Namespace, cls: type, fields: list[str], prefix: str 
     """The options of `fields` that the user gave, as a dict for dataclass `cls`."""
     values = {name: getattr(args, _dest(prefix, name), None) for name in fields}
     return {k: v for k, v in values.items() if v is not None}
+
+
+def simple_fields(cls: type) -> list[str]:
+    """Fields a command-line option can set (str, int, float, bool, or optional of those)."""
+    hints = typing.get_type_hints(cls)
+    return [f.name for f in dataclasses.fields(cls) if _base_type(hints[f.name]) in (str, int, float, bool)]
+
+
+def _sections(cls: type) -> dict[str, type]:
+    """The fields of dataclass `cls` that are dataclasses themselves (MedVLMConfig.language, ...)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
+
+
+def add_nested_options(parser: argparse.ArgumentParser, cls: type, prefix: str) -> None:
+    """`--PREFIX.field-name` for the simple fields of dataclass `cls` and `--PREFIX.section.field-name`
+    for those of its dataclass fields, e.g. `--model.language.lora-r` for MedVLMConfig."""
+    add_options(parser, cls, simple_fields(cls), prefix, sep=".")
+    for name, section in _sections(cls).items():
+        add_nested_options(parser, section, f"{prefix}.{name}")
+
+
+def collect_nested(args: argparse.Namespace, cls: type, prefix: str) -> dict:
+    """The options of add_nested_options that the user gave, as a nested dict of fields
+    (e.g. {"language": {"lora_r": 16}}), for MedVLMConfig.replace or a config's `model:` section."""
+    values = collect(args, cls, simple_fields(cls), prefix)
+    for name, section in _sections(cls).items():
+        given = collect_nested(args, section, f"{prefix}.{name}")
+        if given:
+            values[name] = given
+    return values
 
 
 def _dest(prefix: str, name: str) -> str:
