@@ -39,7 +39,7 @@ def time_to_first_token(model, messages, images, gen, session=None) -> float:
 def bench_follow_up(model, image, repeats: int = 5, max_new_tokens: int = 16) -> dict:
     """Median time to first token: first turn, follow-up without cache, follow-up with cache."""
     gen = GenerationConfig(max_new_tokens=max_new_tokens)
-    first = [{"role": "user", "content": f"{model.config.image_marker}\nWhat imaging modality is this?"}]
+    first = [model.processor.user_turn("What imaging modality is this?", 1)]
     times = {"first_turn": [], "follow_up_no_cache": [], "follow_up_cached": []}
     for _ in range(repeats):
         session = ConversationCache()
@@ -110,13 +110,13 @@ def bench_eval_batching(model, questions: list[tuple[str, object]], batch_size: 
     same answer tokens. The batches are timed twice: sorted by prompt length (as the evaluation
     forms them) and in dataset order (before length sorting), to show what the sorting saves."""
     from eval.predict import prompt_length_order
-    from vlm.generation import cut_at_stop, prepare, stop_token_ids
+    from vlm.generation import cut_at_stop, stop_token_ids
     from vlm.prompts import vqa_messages
 
     start = time.perf_counter()
     sequential = []
     for question, image in questions:  # LLaVA-Med's model_vqa.py: one prompt, one generate() call
-        batch = prepare(model, [vqa_messages(question)], [[image]])
+        batch = model.processor.generation_batch([vqa_messages(question)], [[image]])
         embeds = model.embed(batch.input_ids, batch.pixel_values)
         out = model.llm.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask, do_sample=False,
                                  max_new_tokens=max_new_tokens, pad_token_id=model.tokenizer.pad_token_id)
@@ -137,14 +137,15 @@ def bench_eval_batching(model, questions: list[tuple[str, object]], batch_size: 
 
 def _batched_answers(model, questions, order: list[int], batch_size: int, gen) -> tuple[dict[int, list[int]], float]:
     """Answer ids by question index, generated in batches cut from `order`, and the seconds taken."""
-    from vlm.generation import generate_ids, prepare
+    from vlm.generation import generate_ids
     from vlm.prompts import vqa_messages
 
     start = time.perf_counter()
     answers: dict[int, list[int]] = {}
     for k in range(0, len(order), batch_size):
         chunk = order[k:k + batch_size]
-        batch = prepare(model, [vqa_messages(questions[i][0]) for i in chunk], [[questions[i][1]] for i in chunk])
+        batch = model.processor.generation_batch([vqa_messages(questions[i][0]) for i in chunk],
+                                                 [[questions[i][1]] for i in chunk])
         for i, ids in zip(chunk, generate_ids(model, batch, gen)):
             answers[i] = ids
     return answers, time.perf_counter() - start

@@ -243,14 +243,14 @@ def timed_generation(model, image, batch_size: int, new_tokens: int) -> dict:
     """One greedy generation of `batch_size` copies of the question, timed through the one generation
     path: time to first token (from prompt encoding), prefill (from the encoded batch to the first
     token) and decode (the steps after it, counting only tokens of sequences not yet stopped)."""
-    from vlm.generation import GenerationConfig, decode_steps, prepare, stop_token_ids
+    from vlm.generation import GenerationConfig, decode_steps, stop_token_ids
     from vlm.prompts import vqa_messages
 
     stops = torch.tensor(sorted(stop_token_ids(model)))
     running = torch.ones(batch_size, dtype=torch.bool)
     _sync(model.device)
     start = time.perf_counter()
-    batch = prepare(model, [vqa_messages(QUESTION)] * batch_size, [[image]] * batch_size)
+    batch = model.processor.generation_batch([vqa_messages(QUESTION)] * batch_size, [[image]] * batch_size)
     prepared = time.perf_counter()
     first, steps, tokens = None, 0, 0
     for token in decode_steps(model, batch, GenerationConfig(max_new_tokens=new_tokens)):

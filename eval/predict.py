@@ -99,7 +99,7 @@ def _messages(task: Task, item: Item) -> list[dict]:
 def prompt_length_order(model, conversations: list[list[dict]]) -> list[int]:
     """Indices of `conversations` sorted by prompt length in tokens (ties in given order): batches
     of similar length waste little compute on padding."""
-    lengths = [len(model.prompts.encode(c, add_generation_prompt=True).input_ids) for c in conversations]
+    lengths = [len(model.processor.encode(c, add_generation_prompt=True).input_ids) for c in conversations]
     return sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
 
 

@@ -43,7 +43,7 @@ from vlm import studies
 from vlm.errors import InputError, MedVLMError
 from vlm.generation import ConversationCache, GenerationConfig, TextStream, cache_bytes
 from vlm.imaging import MedicalImage, load_image
-from vlm.prompts import REPORT_PROMPT, VQA_PROMPT, user_message
+from vlm.prompts import REPORT_PROMPT, VQA_PROMPT
 
 log = logging.getLogger(__name__)
 
@@ -201,8 +201,9 @@ class Engine:
 
     def chat(self, conversation_id: str | None, messages: list[dict],
              images: list[Image.Image | bytes] | None = None, gen: GenerationConfig | None = None) -> Reply:
-        """Queue a reply to `messages` (role/content dicts, content text with one `<image>` marker
-        per image; markers go in front of the first user turn when there are none). `images`
+        """Queue a reply to `messages` (role/content dicts; content is text with one image marker
+        per image, or a list of text and image parts; the processor puts the markers in front of
+        the first user turn when there are none: vlm.processor.Processor.with_markers). `images`
         (PIL images, or upload bytes that the worker decodes once the request is admitted)
         replaces the conversation's images; None keeps those it has. `conversation_id=None` is a
         one-off conversation. Raises EngineBusy at once when the queue is full; errors during
@@ -210,7 +211,7 @@ class Engine:
         gen = gen or GenerationConfig()
         conversation = self._conversation(conversation_id) if conversation_id is not None else Conversation(cache=None)
         pending = list(conversation.images) if images is None else list(images)
-        messages = _with_markers(messages, self.model.config.image_marker, len(pending))
+        messages = self.model.processor.with_markers(messages, len(pending))
         reply = Reply(gen.max_new_tokens)
         with self._lock:
             if self._pending >= self.concurrency + self.queue_size:
@@ -358,16 +359,6 @@ class Engine:
                 finally:
                     conversation.lock.release()
                 total -= size
-
-
-def _with_markers(messages: list[dict], marker: str, n_images: int) -> list[dict]:
-    """Put the image markers in front of the first user turn when no message carries one."""
-    messages = [dict(m) for m in messages]
-    if n_images and not any(marker in str(m.get("content", "")) for m in messages):
-        first = next((i for i, m in enumerate(messages) if m.get("role") == "user"), None)
-        if first is not None:
-            messages[first] = user_message(str(messages[first].get("content", "")), marker, n_images)
-    return messages
 
 
 def split_report(text: str) -> dict[str, str]:

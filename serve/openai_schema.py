@@ -137,13 +137,15 @@ def _typed(body: dict, key: str, kind, default):
 
 # ---- the request ---------------------------------------------------------------------------------
 
-def parse_request(body: dict, marker: str, served_model: str) -> ChatRequest:
-    """Check and translate a chat completion body (see the module docstring)."""
+def parse_request(body: dict, _marker: str, served_model: str) -> ChatRequest:
+    """Check and translate a chat completion body (see the module docstring). `_marker` is not
+    used (messages keep their image parts; the model's processor places the markers) and goes
+    once serve/api.py stops passing it."""
     model = _typed(body, "model", str, None)
     if model is not None and model != served_model:
         raise model_not_found(model, served_model)
     check_unsupported(body)
-    messages, images = parse_messages(body.get("messages"), marker)
+    messages, images = parse_messages(body.get("messages"))
     stream = _typed(body, "stream", bool, False)
     options = _typed(body, "stream_options", dict, None)
     if options is not None and not stream:
@@ -212,8 +214,10 @@ def parse_stop(stop: Any) -> tuple[str, ...]:
 
 # ---- messages ------------------------------------------------------------------------------------
 
-def parse_messages(raw: Any, marker: str) -> tuple[list[dict], list[bytes]]:
-    """OpenAI messages -> engine messages (text with one image marker per image) and the image bytes."""
+def parse_messages(raw: Any) -> tuple[list[dict], list[bytes]]:
+    """OpenAI messages -> engine messages, whose content is a list of text and image parts
+    (`{"type": "text", "text": ...}`, `{"type": "image"}`: vlm.processor makes them text, with
+    markers from image parts only), and the image bytes."""
     if not isinstance(raw, list) or not raw:
         raise ApiError(400, "'messages' must be a non-empty list.", param="messages")
     messages, blobs = [], []
@@ -228,33 +232,33 @@ def parse_messages(raw: Any, marker: str) -> tuple[list[dict], list[bytes]]:
         if content is None and role == "assistant":
             content = ""
         if isinstance(content, str):
-            text = content.replace(marker, "")  # markers come from image parts only
+            parts = [{"type": "text", "text": content}]
         elif isinstance(content, list):
-            text = _parts_text(content, i, marker, blobs)
+            parts = _parts(content, i, blobs)
         else:
             raise ApiError(400, f"messages[{i}].content must be a string or a list of parts.",
                            param=f"messages[{i}].content")
-        messages.append({"role": _ROLES[role], "content": text})
+        messages.append({"role": _ROLES[role], "content": parts})
     if len(blobs) > MAX_IMAGES:
         raise ApiError(400, f"At most {MAX_IMAGES} images per request.", param="messages")
     return messages, blobs
 
 
-def _parts_text(parts: list, i: int, marker: str, blobs: list[bytes]) -> str:
+def _parts(parts: list, i: int, blobs: list[bytes]) -> list[dict]:
     pieces = []
     for j, part in enumerate(parts):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
-            pieces.append(part["text"].replace(marker, ""))
+            pieces.append({"type": "text", "text": part["text"]})
         elif kind == "image_url":
             url = part.get("image_url")
             url = url.get("url") if isinstance(url, dict) else url
             blobs.append(decode_data_url(url, f"messages[{i}].content[{j}]"))
-            pieces.append(marker)
+            pieces.append({"type": "image"})
         else:
             raise ApiError(400, f"messages[{i}].content[{j}] must be a text or image_url part.",
                            param=f"messages[{i}].content[{j}]")
-    return "\n".join(pieces)
+    return pieces
 
 
 def decode_data_url(url: Any, where: str) -> bytes:

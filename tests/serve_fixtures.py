@@ -47,7 +47,7 @@ def build_taught_checkpoint(tiny_config, folder: Path) -> Path:
         *([{"role": "user", "content": VQA_PROMPT.format(question=q)}, {"role": "assistant", "content": a}]
           for q, a in STUDY_ANSWERS.items()),
     ]
-    encoded = [model.prompts.encode(c) for c in conversations]
+    encoded = [model.processor.encode(c) for c in conversations]
     model.llm.requires_grad_(True)
     optimizer = torch.optim.Adam(model.llm.parameters(), lr=3e-3)
     model.train()

@@ -96,7 +96,7 @@ def test_the_repetition_guard_stops_loops_and_is_off_unless_asked(tiny_model):
         return [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
 
     def ids(gen):
-        batch = generation.prepare(tiny_model, [prompt], [[]])
+        batch = tiny_model.processor.generation_batch([prompt], [[]])
         return [int(t[0]) for t in generation.decode_steps(tiny_model, batch, gen)]
 
     plain = ids(GenerationConfig(max_new_tokens=40))

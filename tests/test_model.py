@@ -10,9 +10,9 @@ from PIL import Image
 
 from vlm.checkpoint import stored_parts
 from vlm.errors import CheckpointError, InputError
-from vlm.generation import GenerationConfig, generate_ids, prepare
+from vlm.generation import GenerationConfig, generate_ids
 from vlm.model import MedVLM
-from vlm.prompts import IGNORE_INDEX
+from vlm.processor import IGNORE_INDEX
 
 
 def _image(seed: int) -> Image.Image:
@@ -25,7 +25,7 @@ def _ask(text: str) -> list[dict]:
 
 
 def test_placeholder_count_mismatch_raises_clear_error(tiny_model):
-    encoded = tiny_model.prompts.encode(_ask("Is the heart enlarged?"), add_generation_prompt=True)
+    encoded = tiny_model.processor.encode(_ask("Is the heart enlarged?"), add_generation_prompt=True)
     ids = torch.tensor([encoded.input_ids])
     two_images = tiny_model.preprocess([_image(0), _image(1)])
     with pytest.raises(InputError, match="placeholder mismatch.*1 image markers.*2 images"):
@@ -39,7 +39,7 @@ def test_placeholder_count_mismatch_raises_clear_error(tiny_model):
 
 def test_placeholders_expand_to_image_token_count(tiny_model):
     messages = [{"role": "user", "content": "<image>\nCompare <image> with the prior."}]
-    encoded = tiny_model.prompts.encode(messages, add_generation_prompt=True)
+    encoded = tiny_model.processor.encode(messages, add_generation_prompt=True)
     assert encoded.input_ids.count(tiny_model.image_token_id) == 2 * tiny_model.num_image_tokens
     assert encoded.num_images == 2
 
@@ -52,7 +52,7 @@ def test_labels_are_ignored_exactly_on_non_assistant_positions(tiny_model):
         {"role": "user", "content": "Is there a pleural effusion?"},
         {"role": "assistant", "content": "No."},
     ]
-    encoded = tiny_model.prompts.encode(messages)
+    encoded = tiny_model.processor.encode(messages)
     ids, labels = torch.tensor(encoded.input_ids), torch.tensor(encoded.labels)
     learned = labels != IGNORE_INDEX
     assert torch.equal(labels[learned], ids[learned])
@@ -67,7 +67,7 @@ def test_labels_are_ignored_exactly_on_non_assistant_positions(tiny_model):
 
 
 def test_greedy_generation_with_cache_equals_without(tiny_model):
-    batch = prepare(tiny_model, [_ask("What imaging modality is this?")], [[_image(3)]])
+    batch = tiny_model.processor.generation_batch([_ask("What imaging modality is this?")], [[_image(3)]])
     with_cache = generate_ids(tiny_model, batch, GenerationConfig(max_new_tokens=12, use_cache=True))
     without = generate_ids(tiny_model, batch, GenerationConfig(max_new_tokens=12, use_cache=False))
     assert len(with_cache[0]) > 0
@@ -80,15 +80,15 @@ def test_mixed_length_batch_equals_one_by_one(tiny_model):
     messages = [_ask(q) for q in questions]
     images = [[_image(i)] for i in range(len(questions))]
     gen = GenerationConfig(max_new_tokens=10)
-    batched = generate_ids(tiny_model, prepare(tiny_model, messages, images), gen)
-    lengths = {len(tiny_model.prompts.encode(m, add_generation_prompt=True).input_ids) for m in messages}
+    batched = generate_ids(tiny_model, tiny_model.processor.generation_batch(messages, images), gen)
+    lengths = {len(tiny_model.processor.encode(m, add_generation_prompt=True).input_ids) for m in messages}
     assert len(lengths) == 3, "prompts must differ in length for this test to mean anything"
-    single = [generate_ids(tiny_model, prepare(tiny_model, [m], [i]), gen)[0] for m, i in zip(messages, images)]
+    single = [generate_ids(tiny_model, tiny_model.processor.generation_batch([m], [i]), gen)[0] for m, i in zip(messages, images)]
     assert batched == single
 
 
 def test_sampling_is_reproducible_with_a_seed(tiny_model):
-    batch = prepare(tiny_model, [_ask("Modality?")], [[_image(5)]])
+    batch = tiny_model.processor.generation_batch([_ask("Modality?")], [[_image(5)]])
     gen = GenerationConfig(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7)
     assert generate_ids(tiny_model, batch, gen) == generate_ids(tiny_model, batch, gen)
 
@@ -103,7 +103,7 @@ def test_save_then_load_gives_identical_logits(tiny_config, tmp_path):
         for name, p in model.llm.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
-    batch = prepare(model, [_ask("Is the heart enlarged?")], [[_image(9)]])
+    batch = model.processor.generation_batch([_ask("Is the heart enlarged?")], [[_image(9)]])
     folder = model.save_pretrained(tmp_path / "ckpt")
     assert {p.name for p in folder.iterdir()} >= {"config.json", "projector.safetensors", "vision.safetensors", "adapter", "MODEL_CARD.md"}
     loaded = MedVLM.from_pretrained(str(folder))
@@ -162,7 +162,7 @@ def test_4bit_nf4_llm_loads_and_generates_on_cpu(tiny_config):
     assert linear4 and all(m.weight.quant_type == "nf4" for m in linear4)
     replies = model.generate([_ask("Modality?")], [[_image(2)]], max_new_tokens=6)
     assert len(replies) == 1 and isinstance(replies[0], str)
-    ids = generate_ids(model, prepare(model, [_ask("Modality?")], [[_image(2)]]), GenerationConfig(max_new_tokens=6))
+    ids = generate_ids(model, model.processor.generation_batch([_ask("Modality?")], [[_image(2)]]), GenerationConfig(max_new_tokens=6))
     assert len(ids[0]) > 0
 
 
@@ -177,7 +177,7 @@ def test_lora_step_after_generate_has_gradients_in_4bit(tiny_config):
     model.generate([_ask("Modality?")], [[_image(4)]], max_new_tokens=3)
     model.train()
     messages = _ask("Is the heart enlarged?") + [{"role": "assistant", "content": "Yes."}]
-    encoded = model.prompts.encode(messages)
+    encoded = model.processor.encode(messages)
     out = model(torch.tensor([encoded.input_ids]), pixel_values=model.preprocess([_image(4)]),
                 labels=torch.tensor([encoded.labels]))
     out.loss.backward()
@@ -198,7 +198,7 @@ def test_follow_up_turn_reuses_the_conversation_cache(tiny_model):
     gen = GenerationConfig(max_new_tokens=6)
     reply = "".join(TextStream(tiny_model, first, [image], gen, session=session))
     follow = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": "Is the heart enlarged?"}]
-    ids = tiny_model.prompts.encode(follow, add_generation_prompt=True).input_ids
+    ids = tiny_model.processor.encode(follow, add_generation_prompt=True).input_ids
     key = images_digest(tiny_model.preprocess([image]))
     reused = session.reusable_length(ids, tiny_model.image_token_id, key)
     image_end = max(i for i, t in enumerate(ids) if t == tiny_model.image_token_id)
@@ -220,7 +220,7 @@ def test_follow_up_turn_reuses_the_conversation_cache(tiny_model):
 def test_loss_over_kept_logits_equals_the_llms_full_logits_loss(tiny_model):
     """forward() computes vocabulary logits only where a supervised token is predicted; the loss
     must be the LLM's own (all positions) mean cross-entropy, padding and masked prompts included."""
-    rows = [tiny_model.prompts.encode(_ask(q) + [{"role": "assistant", "content": a}])
+    rows = [tiny_model.processor.encode(_ask(q) + [{"role": "assistant", "content": a}])
             for q, a in (("Is the heart enlarged?", "Yes."), ("Which plane?", "Axial, at the level of the liver."))]
     width = max(len(r.input_ids) for r in rows)
     pad = tiny_model.tokenizer.pad_token_id or 0

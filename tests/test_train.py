@@ -93,12 +93,12 @@ def test_records_are_tokenized_once_for_the_context_check_and_length_grouping(da
                            {"train_data": str(data["instruct"])})
     model = stage.build_model()
     train_set, _ = stage.datasets()
-    expected = [len(model.prompts.encode(list(r.messages)).input_ids) for r in train_set]
+    expected = [len(model.processor.encode(list(r.messages)).input_ids) for r in train_set]
 
     def fail(*args, **kwargs):
         raise AssertionError("a record was tokenized again after loading")
 
-    model.prompts.encode = fail
+    model.processor.encode = fail
     assert _lengths(stage, train_set, train_cfg) == expected
 
 

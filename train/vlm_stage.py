@@ -15,7 +15,6 @@ from train.stage import StepStats
 from vlm.config import MedVLMConfig, VisionConfig
 from vlm.errors import ConfigError
 from vlm.imaging import load_image
-from vlm.prompts import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -137,7 +136,7 @@ class VLMStage:
         """Tokens in the encoded conversation, image tokens included (for group_by_length)."""
         if record.length is not None:  # measured when the file was loaded
             return record.length
-        return len(self.model.prompts.encode(list(record.messages)).input_ids)
+        return len(self.model.processor.encode(list(record.messages)).input_ids)
 
     def collate(self, records: list[ConversationRecord]) -> dict:
         return collate_conversations(self.model, records)
@@ -169,15 +168,6 @@ class VLMStage:
 
 
 def collate_conversations(model, records: list[ConversationRecord]) -> dict:
-    """Right-padded ids, labels (answers only) and mask, and the records' images, preprocessed."""
-    encoded = [model.prompts.encode(list(r.messages)) for r in records]
-    width = max(len(e.input_ids) for e in encoded)
-    ids = torch.full((len(records), width), model.tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(records), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(records), width), dtype=torch.long)
-    for row, e in enumerate(encoded):
-        n = len(e.input_ids)
-        ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(e.input_ids), torch.tensor(e.labels), 1
-    images = [load_image(path).to_pil() for r in records for path in r.images]
-    pixels = model.vision.preprocess(images) if images else None
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": pixels}
+    """The records' images read from disk, and the processor's right-padded training batch of them."""
+    images = [[load_image(path).to_pil() for path in r.images] for r in records]
+    return model.processor.training_batch([list(r.messages) for r in records], images)

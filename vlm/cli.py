@@ -91,7 +91,6 @@ def _add_chat(sub) -> None:
 def run_chat(args) -> int:
     from vlm.generation import TextStream
     from vlm.imaging import load_image
-    from vlm.prompts import user_message
 
     window = _parse_window(args.window)
     images = [load_image(path, window=window, frame=args.frame).to_pil() for path in args.image]
@@ -99,7 +98,7 @@ def run_chat(args) -> int:
     start = time.perf_counter()
     model = load_model_from_args(args)
     loaded = time.perf_counter()
-    messages = [user_message(args.question, model.config.image_marker, n_images=len(images))]
+    messages = [model.processor.user_turn(args.question, len(images))]
     reply = TextStream(model, messages, images, gen)
     first = None
     for piece in reply:

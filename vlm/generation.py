@@ -1,5 +1,6 @@
-"""The one generation path: batched (left-padded) greedy or sampled decoding, with a KV cache,
-as a token-step iterator that `generate` collects and `stream` turns into text deltas."""
+"""The one generation path: batched greedy or sampled decoding over the processor's left-padded
+batches, with a KV cache, as a token-step iterator that `generate` collects and `TextStream`
+turns into text deltas."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 from vlm.errors import ConfigError, InputError
+from vlm.processor import Batch
 
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
@@ -56,41 +58,6 @@ class GenerationConfig:
 # loop ("MRI of the brain...%||MRI of the scalp%||..." until max tokens).
 CHAT_REPETITION_PENALTY = 1.1
 CHAT_NO_REPEAT_NGRAM = 4
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    pixel_values: torch.Tensor | None
-
-
-def prepare(model, messages_batch: list[list[dict]], images: list[list[Image.Image]]) -> Batch:
-    """Encode conversations (ending at the assistant's turn) and images into a left-padded batch."""
-    if len(messages_batch) != len(images):
-        raise ConfigError("give one list of images per conversation.")
-    sequences = []
-    for messages, imgs in zip(messages_batch, images):
-        encoded = model.prompts.encode(messages, add_generation_prompt=True)
-        if encoded.num_images != len(imgs):
-            raise InputError(
-                f"the conversation has {encoded.num_images} {model.config.image_marker} markers but {len(imgs)} images."
-            )
-        sequences.append(encoded.input_ids)
-    ids, mask = left_pad(sequences, model.tokenizer.pad_token_id)
-    flat = [img for imgs in images for img in imgs]
-    pixels = model.preprocess(flat) if flat else None
-    return Batch(ids.to(model.device), mask.to(model.device), pixels)
-
-
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-        mask[row, width - len(seq):] = 1
-    return ids, mask
 
 
 def stop_token_ids(model) -> set[int]:
@@ -309,7 +276,7 @@ def generate_ids(model, batch: Batch, gen: GenerationConfig) -> list[list[int]]:
 
 def generate(model, messages_batch, images, gen: GenerationConfig = GenerationConfig()) -> list[str]:
     """Replies (text) to a batch of conversations, one list of PIL images per conversation."""
-    batch = prepare(model, messages_batch, images)
+    batch = model.processor.generation_batch(messages_batch, images)
     texts = [model.tokenizer.decode(ids, skip_special_tokens=True) for ids in generate_ids(model, batch, gen)]
     return [cut_at_stop_string(text, gen.stop)[0].strip() for text in texts]
 
@@ -337,7 +304,7 @@ class TextStream:
     def __init__(self, model, messages: list[dict], images: list[Image.Image], gen: GenerationConfig = GenerationConfig(),
                  session: ConversationCache | None = None, cancelled=None):
         self.model, self.gen, self.session, self.cancelled = model, gen, session, cancelled
-        self.batch = prepare(model, [messages], [images])
+        self.batch = model.processor.generation_batch([messages], [images])
         check_fits(model, self.prompt_tokens, gen.max_new_tokens)
         self.num_tokens = 0
         self.finish_reason: str | None = None
@@ -379,7 +346,3 @@ class TextStream:
         if len(text) > len(shown) and text.startswith(shown):  # what was held back for a stop string
             yield text[len(shown):]
 
-
-def stream(model, messages: list[dict], images: list[Image.Image], gen: GenerationConfig = GenerationConfig()) -> Iterator[str]:
-    """Text deltas of one reply as they are decoded."""
-    return iter(TextStream(model, messages, images, gen))

@@ -18,7 +18,7 @@ from vlm.config import MedVLMConfig
 from vlm.errors import InputError
 from vlm.language import attach_lora, load_language_model
 from vlm.projector import Projector
-from vlm.prompts import IGNORE_INDEX, PromptEncoder
+from vlm.processor import IGNORE_INDEX, Processor
 from vlm.vision import VisionTower, load_vision_tower
 
 
@@ -34,9 +34,8 @@ class MedVLM(nn.Module):
         # its positions are overwritten by image features, so they are looked up as id 0.
         tokenizer.add_tokens([config.image_marker], special_tokens=True)
         self.image_token_id = tokenizer.convert_tokens_to_ids(config.image_marker)
-        self.prompts = PromptEncoder(
-            tokenizer, config.image_marker, self.image_token_id, projector.num_output_tokens(), config.system_prompt
-        )
+        self.processor = Processor(tokenizer, vision, config.image_marker, self.image_token_id,
+                                   projector.num_output_tokens(), config.system_prompt, device=lambda: self.device)
 
     @classmethod
     def build(cls, config: MedVLMConfig, device: str | torch.device = "cpu", adapter_dir: str | Path | None = None,
@@ -85,7 +84,7 @@ class MedVLM(nn.Module):
         return self.projector.num_output_tokens()
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
-        return self.vision.preprocess(images).to(self.device)
+        return self.processor.preprocess(images).to(self.device)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[n_images, 3, S, S] -> [n_images, num_image_tokens, hidden]."""
