@@ -1,4 +1,5 @@
-"""`medvlm eval TASK ...`, `medvlm eval score TASK ...` and `medvlm eval compare RUN_A RUN_B`.
+"""`medvlm eval TASK ...`, `medvlm eval score TASK ...`, `medvlm eval compare RUN_A RUN_B` and
+`medvlm eval image-use CHECK ...` (does a model use its image? eval/image_use.py).
 
 Heavy imports (torch, the model) happen inside the commands, so `medvlm --help` stays fast.
 """
@@ -27,9 +28,28 @@ def add_commands(sub) -> None:
     c.add_argument("run_a", type=Path, help="run folder (or its results.json)")
     c.add_argument("run_b", type=Path, help="run folder (or its results.json)")
     c.set_defaults(run=run_compare)
-    for command in tasks.choices.values():  # --debug is accepted after the task too, as after any command
+    checks = _add_image_use(tasks)
+    for command in [*tasks.choices.values(), *checks]:  # --debug is accepted after the task too, as after any command
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.set_defaults(run=lambda args: (p.print_help(), 2)[1])
+
+
+def _add_image_use(tasks) -> list[argparse.ArgumentParser]:
+    """`image-use loss-gap|probe|nih-probe`; returns the three check parsers."""
+    u = tasks.add_parser("image-use", help="does a model use its image? answer loss with a black image, "
+                                           "probes of the image tower's pooled tokens")
+    sub = u.add_subparsers(dest="check", required=True, metavar="CHECK")
+    gap = sub.add_parser("loss-gap", help="answer loss with the real image vs a black one")
+    gap.add_argument("--data", required=True, help="LLaVA conversations JSON")
+    gap.add_argument("--n", type=int, default=40, help="conversations, drawn with seed 0")
+    probe = sub.add_parser("probe", help="organ/modality from the image tower's pooled tokens")
+    probe.add_argument("--vqa-rad", required=True, help="folder with trainset.json, testset.json, images/")
+    findings = sub.add_parser("nih-probe", help="NIH findings from the image tower's pooled tokens, scored as reports")
+    findings.add_argument("--nih", required=True, help="folder with labels.csv and images/")
+    for p in (gap, probe, findings):
+        p.add_argument("--model", default="demo")
+        p.set_defaults(run=run_image_use)
+    return [gap, probe, findings]
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
@@ -84,4 +104,21 @@ def run_compare(args) -> int:
     from eval.results import compare
 
     print(compare(args.run_a, args.run_b))
+    return 0
+
+
+def run_image_use(args) -> int:
+    import json
+
+    from eval.image_use import loss_gap, nih_probe, tower_probe
+    from vlm.model import MedVLM
+
+    model = MedVLM.from_pretrained(args.model).eval()
+    if args.check == "loss-gap":
+        result = loss_gap(model, args.data, args.n)
+    elif args.check == "probe":
+        result = tower_probe(model, args.vqa_rad)
+    else:
+        result = nih_probe(model, args.nih)
+    print(json.dumps(result, indent=1))
     return 0

@@ -1,8 +1,8 @@
 """Does a model use its image? Two checks behind the diagnosis in the demo model card.
 
-    python -m eval.image_use loss-gap --model demo --data data/demo/train.json --n 40
-    python -m eval.image_use probe --model demo --vqa-rad ../shared/data/vqa_rad
-    python -m eval.image_use nih-probe --model demo --nih ../shared/data/nih_cxr
+    medvlm eval image-use loss-gap --model demo --data data/demo/train.json --n 40
+    medvlm eval image-use probe --model demo --vqa-rad ../shared/data/vqa_rad
+    medvlm eval image-use nih-probe --model demo --nih ../shared/data/nih_cxr
 
 loss-gap: the answer loss on conversations with their real image and with a black one; a model
 that ignores the image scores the same twice. probe: can the frozen image tower's mean-pooled
@@ -17,7 +17,6 @@ tower sees enough and the report's wording or decoding loses it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from collections import Counter
@@ -34,7 +33,6 @@ from train.data import load_conversations
 from train.vlm_stage import collate_conversations
 from vlm.datasets import label_rows
 from vlm.imaging import load_image
-from vlm.model import MedVLM
 
 
 @torch.no_grad()
@@ -145,30 +143,3 @@ def nih_probe(model, nih: str | Path, threshold: float = 0.5, min_positives: int
                      "majority_baseline": baseline["majority_class"],
                      "majority_baseline_micro_f1": baseline["ce_micro_f1"]}
     return report
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m eval.image_use", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="check", required=True)
-    gap = sub.add_parser("loss-gap", help="answer loss with the real image vs a black one")
-    gap.add_argument("--data", required=True, help="LLaVA conversations JSON")
-    gap.add_argument("--n", type=int, default=40, help="conversations, drawn with seed 0")
-    probe = sub.add_parser("probe", help="organ/modality from the image tower's pooled tokens")
-    probe.add_argument("--vqa-rad", required=True, help="folder with trainset.json, testset.json, images/")
-    findings = sub.add_parser("nih-probe", help="NIH findings from the image tower's pooled tokens, scored as reports")
-    findings.add_argument("--nih", required=True, help="folder with labels.csv and images/")
-    for p in (gap, probe, findings):
-        p.add_argument("--model", default="demo")
-    args = parser.parse_args(argv)
-    model = MedVLM.from_pretrained(args.model).eval()
-    if args.check == "loss-gap":
-        result = loss_gap(model, args.data, args.n)
-    elif args.check == "probe":
-        result = tower_probe(model, args.vqa_rad)
-    else:
-        result = nih_probe(model, args.nih)
-    print(json.dumps(result, indent=1))
-
-
-if __name__ == "__main__":
-    main()

@@ -82,3 +82,19 @@ def test_nih_probe_finds_a_finding_the_images_show(tiny_model, tmp_path):
         assert report[split]["probe_micro_f1"] == 1.0
         # half the images are normal: the majority baseline (a tie, broken by first seen) scores 0.5
         assert report[split]["majority_baseline_micro_f1"] == 0.5
+
+
+def test_image_use_is_a_medvlm_eval_command(tiny_model, tmp_path, monkeypatch, capsys):
+    import json
+
+    from vlm.cli import main
+    from vlm.model import MedVLM
+
+    names = _images(tmp_path / "images", ["white", "black"])
+    qas = [{"image_name": n, "image_organ": organ, "question": "Is this a CT?", "answer": "yes",
+            "question_type": "MODALITY"} for n, organ in zip(names, ["HEAD", "CHEST"])]
+    write_json(tmp_path / "trainset.json", qas[:1])
+    write_json(tmp_path / "testset.json", qas[1:])
+    monkeypatch.setattr(MedVLM, "from_pretrained", classmethod(lambda cls, ref: tiny_model))
+    assert main(["eval", "image-use", "probe", "--model", "tiny", "--vqa-rad", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out)["organ"]["classes"] == {"head": 1, "chest": 1}
