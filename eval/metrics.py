@@ -351,7 +351,7 @@ def meteor(refs: Sequence[str | Sequence[str]], hyps: Sequence[str]) -> float:
     return float(np.mean([max(_meteor_pair(r, h) for r in rs) for rs, h in zip(ref_sets, hyp_toks)]))
 
 
-# --- Uncertainty and breakdowns ------------------------------------------------------------------
+# --- Uncertainty ---------------------------------------------------------------------------------
 
 def bootstrap_ci_fn(fn: Callable[[np.ndarray], float], size: int, n: int = 1000, seed: int = 0,
                     level: float = 0.95) -> tuple[float, float]:
@@ -382,12 +382,3 @@ def paired_bootstrap_ci(a: Sequence[float], b: Sequence[float], n: int = 1000, s
     if a.shape != b.shape:
         raise ValueError("paired scores must have the same length")
     return bootstrap_ci_fn(lambda idx: float(a[idx].mean() - b[idx].mean()), len(a), n=n, seed=seed, level=level)
-
-
-def breakdown(records: Iterable[dict], key: str | Callable[[dict], object], value: str = "correct") -> dict:
-    """Per-group mean of record[value] (e.g. accuracy per question type): {group: {"n", "accuracy"}}."""
-    groups: dict = {}
-    for rec in records:
-        group = key(rec) if callable(key) else rec[key]
-        groups.setdefault(group, []).append(float(rec[value]))
-    return {g: {"n": len(v), "accuracy": sum(v) / len(v)} for g, v in sorted(groups.items(), key=lambda kv: str(kv[0]))}

@@ -16,7 +16,6 @@ from eval.metrics import (
     bleu1,
     bootstrap_ci,
     bootstrap_ci_fn,
-    breakdown,
     cider,
     closed_lenient,
     closed_options,
@@ -325,7 +324,7 @@ def test_meteor_and_stemmer_match_nltk():
     assert {w: porter_stem(w) for w in words} == {w: stemmer.stem(w) for w in words}
 
 
-# --- bootstrap and breakdown ---------------------------------------------------------------------
+# --- bootstrap -----------------------------------------------------------------------------------
 
 
 def test_bootstrap_ci_contains_mean_is_deterministic_and_shrinks_with_more_data():
@@ -366,16 +365,3 @@ def test_bootstrap_ci_fn_for_corpus_metrics_and_paired():
     with pytest.raises(ValueError):
         paired_bootstrap_ci([1, 2], [1])
 
-
-def test_breakdown():
-    records = [
-        {"type": "modality", "correct": True}, {"type": "modality", "correct": False},
-        {"type": "plane", "correct": True}, {"type": "organ", "correct": 1.0}, {"type": "organ", "correct": 0.5},
-    ]
-    assert breakdown(records, "type") == {
-        "modality": {"n": 2, "accuracy": 0.5},  # (1 + 0) / 2
-        "organ": {"n": 2, "accuracy": 0.75},    # (1 + 0.5) / 2
-        "plane": {"n": 1, "accuracy": 1.0},
-    }
-    by_len = breakdown(records, key=lambda r: len(r["type"]), value="correct")
-    assert by_len[5]["n"] == 3  # "plane", "organ", "organ"
