@@ -131,6 +131,22 @@ class DataOrder:
         return chunk[self.rank * self.batch: (self.rank + 1) * self.batch].tolist()
 
 
+@dataclass
+class TrainState:
+    """What the loop threads through every optimizer step: the model it runs (DDP-wrapped when
+    data-parallel), the trained parameters, optimizer, schedule, data position, device and precision.
+    `step` counts optimizer steps done; a checkpoint restores it with the rest."""
+
+    model: nn.Module
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    order: DataOrder
+    device: torch.device
+    bf16: bool
+    step: int = 0
+
+
 def train(stage: Stage, cfg: TrainConfig, resume: bool = True) -> Path:
     """Train `stage` per `cfg`; return the folder of the final model checkpoint."""
     cfg.validate()
@@ -158,11 +174,12 @@ def _train(stage: Stage, cfg: TrainConfig, resume: bool, rank: int, world: int, 
     if latest is not None:
         step = saved.restore(latest, stage, model, optimizer, scheduler, order)
     wrapped = _wrap_ddp(model, device) if world > 1 else model
+    state = TrainState(wrapped, params, optimizer, scheduler, order, device, use_bf16(cfg.precision, device), step)
     log = MetricsLog(out, enabled=rank == 0, tensorboard=cfg.tensorboard, resume_step=step)
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {stage.name}", unit="step", disable=rank != 0)
-    while step < cfg.steps:
-        row = _optimizer_step(stage, wrapped, params, optimizer, scheduler, order, train_set, cfg, device)
-        step += 1
+    while state.step < cfg.steps:
+        row = _optimizer_step(stage, state, train_set, cfg)
+        step = state.step
         log.train(step, order.epoch, row)
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}", samples_s=f"{row['samples_per_s']:.1f}",
@@ -208,23 +225,27 @@ def _lengths(stage: Stage, train_set, cfg: TrainConfig) -> list[int] | None:
     return [stage.record_length(record) for record in train_set]
 
 
-def _optimizer_step(stage, model, params, optimizer, scheduler, order, train_set, cfg, device) -> dict:
-    model.train()
+def _optimizer_step(stage: Stage, state: TrainState, train_set, cfg: TrainConfig) -> dict:
+    """One optimizer step of `cfg.grad_accum` micro-batches; advances `state` (its step, the data
+    position, the schedule) and returns the step's metrics row."""
+    state.model.train()
+    device, optimizer = state.device, state.optimizer
     start = time.perf_counter()
     loss_sum, samples, tokens, extra = 0.0, 0, 0, {}
     for _ in range(cfg.grad_accum):
-        batch = to_device(stage.collate([train_set[i] for i in order.next_indices()]), device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg.precision, device)):
-            stats = stage.step(model, batch)
+        batch = to_device(stage.collate([train_set[i] for i in state.order.next_indices()]), device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=state.bf16):
+            stats = stage.step(state.model, batch)
         (stats.loss / cfg.grad_accum).backward()
         loss_sum += float(stats.loss.detach()) / cfg.grad_accum
         samples, tokens = samples + stats.samples, tokens + stats.tokens
         extra = stats.extra
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
     lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
-    scheduler.step()
+    state.scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    state.step += 1
     seconds = time.perf_counter() - start
     return {"loss": loss_sum, "lr": lr, "grad_norm": float(grad_norm), "samples_per_s": samples / seconds,
             "tokens_per_s": tokens / seconds, "seconds": seconds, "peak_mem_mib": peak_memory_mib(device), **extra}
