@@ -97,7 +97,7 @@ def create_api(engine: Engine, auth: tuple[str, str] | None = None, max_body_byt
     async def chat_completions(request: Request):
         who = user(request)
         body = parse_json(await _read_body(request, limit))
-        chat = parse_request(body, engine.model.config.image_marker, engine.name)
+        chat = parse_request(body, engine.name)
         return await _complete(engine, request, chat, who)
 
     @app.api_route("/health", methods=["POST", "PUT", "DELETE", "PATCH", "OPTIONS"], include_in_schema=False)

@@ -137,10 +137,9 @@ def _typed(body: dict, key: str, kind, default):
 
 # ---- the request ---------------------------------------------------------------------------------
 
-def parse_request(body: dict, _marker: str, served_model: str) -> ChatRequest:
-    """Check and translate a chat completion body (see the module docstring). `_marker` is not
-    used (messages keep their image parts; the model's processor places the markers) and goes
-    once serve/api.py stops passing it."""
+def parse_request(body: dict, served_model: str) -> ChatRequest:
+    """Check and translate a chat completion body (see the module docstring). Messages keep their
+    image parts; the model's processor places the image markers."""
     model = _typed(body, "model", str, None)
     if model is not None and model != served_model:
         raise model_not_found(model, served_model)
