@@ -8,7 +8,7 @@ takes, and it is the only code that knows about image markers:
   the first user turn when no message carries one. Content given as a list of parts
   (`{"type": "text", "text": ...}` / `{"type": "image"}`, the OpenAI/transformers shape) becomes
   text with one marker per image part; markers typed inside text parts are dropped.
-- the placeholder contract (DESIGN.md): encoding expands each marker into exactly N copies of the
+- the placeholder contract (docs/architecture.md, README): encoding expands each marker into exactly N copies of the
   image-placeholder token id, N being the number of projected image tokens. Labels are -100
   everywhere except on assistant replies (their text and the end-of-turn token), so the system
   prompt, user turns and image positions are never learned.
