@@ -1,7 +1,8 @@
-"""vlm.imaging: PNG/JPEG/DICOM decoding, windowing, de-identified metadata, bad-input errors.
+"""vlm.imaging on DICOM: every shipped file, windowing, de-identified metadata, and bad inputs of
+every format (PNG and JPEG round trips are in test_raster_images.py).
 
 Real DICOM comes from pydicom's own test files and the pydicom-data package (both installed, never
-downloaded); real JPEGs from ../shared/data when that folder exists.
+downloaded).
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from tests.image_checks import check_image, png_bytes
 from vlm.errors import InputError
-from vlm.imaging import WINDOW_PRESETS, MedicalImage, describe_metadata, load_image
+from vlm.imaging import WINDOW_PRESETS, describe_metadata, load_image
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 METADATA_KEYS = {"format", "modality", "body_part", "view", "photometric", "rows", "columns", "size",
                  "num_frames", "frame", "pixel_spacing", "bits_stored", "window", "window_center", "window_width"}
@@ -46,16 +47,6 @@ def pydicom_data_dir() -> Path | None:
         if ep.name == "pydicom-data":
             return Path(ep.load()().data_path)
     return None
-
-
-def check_image(img: MedicalImage) -> None:
-    assert isinstance(img, MedicalImage)
-    assert img.pixels.dtype == np.uint8
-    assert img.pixels.ndim == 2 or (img.pixels.ndim == 3 and img.pixels.shape[2] == 3)
-    assert img.pixels.size > 0 and np.isfinite(img.pixels).all()
-    assert 0 <= img.frame < img.num_frames
-    pil = img.to_pil()
-    assert pil.mode == "RGB" and pil.size == (img.pixels.shape[1], img.pixels.shape[0])
 
 
 def expected_shape(path: Path) -> tuple[int, ...] | None:
@@ -95,12 +86,6 @@ def make_ct(path: Path, stored: np.ndarray, **attrs) -> Path:
         setattr(ds, key, value)
     ds.save_as(path, enforce_file_format=True)
     return path
-
-
-def png_bytes(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 # ----------------------------------------------------------------------------- every shipped DICOM
@@ -369,61 +354,3 @@ def test_unsupported_transfer_syntax_is_named(tmp_path):
     ds.save_as(tmp_path / "mpeg.dcm")
     with pytest.raises(InputError, match=r"1\.2\.840\.10008\.1\.2\.4\.100 \(MPEG2"):
         load_image(tmp_path / "mpeg.dcm")
-
-
-# ----------------------------------------------------------------------------- PNG and JPEG
-
-
-def test_png_round_trips():
-    rng = np.random.default_rng(1)
-    grey = rng.integers(0, 256, (12, 17), dtype=np.uint8)
-    img = load_image(png_bytes(Image.fromarray(grey)))
-    check_image(img)
-    assert np.array_equal(img.pixels, grey) and img.metadata["format"] == "PNG"
-
-    ramp = np.tile(np.arange(0, 4096, 16, dtype=np.uint16), (4, 1))  # 12-bit data in a 16-bit PNG
-    img16 = Image.fromarray(ramp)
-    assert img16.mode.startswith("I;16")
-    out = load_image(png_bytes(img16)).pixels
-    assert out.shape == ramp.shape and out.dtype == np.uint8
-    assert out[0, 0] == 0 and out[0, -1] == 255 and (np.diff(out[0].astype(int)) >= 0).all()
-
-    rgba = rng.integers(0, 256, (9, 11, 4), dtype=np.uint8)
-    out = load_image(png_bytes(Image.fromarray(rgba, "RGBA"))).pixels
-    assert np.array_equal(out, rgba[..., :3])
-
-    colour = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).convert("P")
-    assert np.array_equal(load_image(png_bytes(colour)).pixels, np.array(colour.convert("RGB")))
-    grey_palette = Image.fromarray(grey).convert("P")
-    assert load_image(png_bytes(grey_palette)).pixels.ndim == 2
-
-    la = Image.fromarray(grey).convert("LA")
-    assert np.array_equal(load_image(png_bytes(la)).pixels, grey)
-
-
-def test_jpeg_round_trip():
-    rng = np.random.default_rng(2)
-    smooth = np.kron(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), np.ones((8, 8, 1), dtype=np.uint8))
-    buf = io.BytesIO()
-    Image.fromarray(smooth).save(buf, format="JPEG", quality=95, subsampling=0)
-    img = load_image(buf.getvalue())
-    check_image(img)
-    assert img.metadata["format"] == "JPEG" and img.pixels.shape == smooth.shape
-    assert np.abs(img.pixels.astype(int) - smooth).mean() < 6
-    buf = io.BytesIO()
-    Image.fromarray(smooth[..., 0]).save(buf, format="JPEG")
-    assert load_image(buf.getvalue()).pixels.ndim == 2
-    with pytest.raises(InputError, match="single frame"):
-        load_image(buf.getvalue(), frame=2)
-
-
-def test_real_jpeg_from_shared_data():
-    folder = SHARED_DATA / "vqa_rad" / "images"
-    if not folder.is_dir():
-        pytest.skip(f"shared data not present at {folder}")
-    path = sorted(folder.glob("*.jpg"))[0]
-    img = load_image(path)
-    check_image(img)
-    with Image.open(path) as ref:
-        assert img.pixels.shape[:2] == (ref.height, ref.width)
-    assert img.metadata["format"] == "JPEG" and img.pixels.std() > 0
