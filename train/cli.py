@@ -17,7 +17,7 @@ from train.loop import TrainConfig, train
 from vlm.config import MedVLMConfig, from_dict
 from vlm.errors import ConfigError
 from vlm.options import add_nested_options, add_options, collect, collect_nested, simple_fields
-from vlm.presets import model_preset_data
+from vlm.presets import merge_model_fields, model_preset_data
 
 STAGES = ("clip", "align", "instruct")
 
@@ -213,19 +213,6 @@ def build_stage(name: str, data: dict, overrides_train: dict, overrides_stage: d
 
     cls = AlignStage if name == "align" else InstructStage
     return cls(stage_cfg, model_cfg, train_cfg.batch_size, train_cfg.skip_bad, model_changes=changes), train_cfg
-
-
-def merge_model_fields(base: dict, changes: dict, where: str = "model") -> dict:
-    """MedVLMConfig fields `changes` over `base`: a section (vision, projector, language) is updated
-    key by key, a mapping value inside it (vision.arch) replaced whole, as for a preset's overrides."""
-    for mapping, name in ((base, "model"), (changes, where)):
-        if not isinstance(mapping, dict):
-            raise ConfigError(f"{name} must be a mapping of model fields, got {type(mapping).__name__}.")
-    merged = dict(base)
-    for key, value in changes.items():
-        old = merged.get(key)
-        merged[key] = {**old, **value} if isinstance(old, dict) and isinstance(value, dict) else value
-    return merged
 
 
 def run_train(args) -> int:

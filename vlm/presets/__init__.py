@@ -26,14 +26,19 @@ def model_preset_data(name: str, overrides: dict | None = None) -> dict:
     if not name or "/" in name or not path.is_file():
         raise ConfigError(f"no model preset {name!r}; known presets: {', '.join(preset_names())}.")
     data = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
-    if overrides is None:
-        return data
-    if not isinstance(overrides, dict):
-        raise ConfigError(f"model overrides of preset {name!r} must be a mapping, got {type(overrides).__name__}.")
-    merged = dict(data)
-    for key, value in overrides.items():
-        base = merged.get(key)
-        merged[key] = {**base, **value} if isinstance(base, dict) and isinstance(value, dict) else value
+    return data if overrides is None else merge_model_fields(data, overrides, where=f"model overrides of preset {name!r}")
+
+
+def merge_model_fields(base: dict, changes: dict, where: str = "model") -> dict:
+    """MedVLMConfig fields `changes` over `base`: a section (vision, projector, language) is updated
+    key by key, a mapping value inside it (vision.arch) replaced whole, as for a preset's overrides."""
+    for mapping, name in ((base, "model"), (changes, where)):
+        if not isinstance(mapping, dict):
+            raise ConfigError(f"{name} must be a mapping of model fields, got {type(mapping).__name__}.")
+    merged = dict(base)
+    for key, value in changes.items():
+        old = merged.get(key)
+        merged[key] = {**old, **value} if isinstance(old, dict) and isinstance(value, dict) else value
     return merged
 
 
