@@ -17,7 +17,6 @@ tower sees enough and the report's wording or decoding loses it.
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
 from pathlib import Path
@@ -31,7 +30,7 @@ from train.captions import organs_and_modality_votes, top_vote
 from train.clip import auroc
 from train.data import load_conversations
 from train.vlm_stage import collate_conversations
-from vlm.datasets import label_rows
+from vlm.datasets import label_rows, vqa_rad_records
 from vlm.imaging import load_image
 
 
@@ -80,7 +79,7 @@ def pooled_features(model, paths: list[Path], batch_size: int = 32) -> torch.Ten
 def tower_probe(model, vqa_rad: str | Path) -> dict[str, dict]:
     """Organ (all images) and modality (images whose questions vote one) from the tower's tokens."""
     vqa_rad = Path(vqa_rad)
-    qas = json.loads((vqa_rad / "trainset.json").read_text()) + json.loads((vqa_rad / "testset.json").read_text())
+    qas = vqa_rad_records(vqa_rad / "trainset.json") + vqa_rad_records(vqa_rad / "testset.json")
     organs, votes = organs_and_modality_votes(qas)
     names = sorted(organs)
     features = pooled_features(model, [vqa_rad / "images" / n for n in names])

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from eval.labeler import nih_to_chexpert
 from eval.metrics import closed_options, normalize_answer
-from vlm.datasets import read_labels, vqa_rad_image_bucket
-from vlm.errors import ConfigError, InputError
+from vlm.datasets import DataError, read_labels, vqa_rad_image_bucket, vqa_rad_records
+from vlm.errors import ConfigError
 from vlm.prompts import REPORT_PROMPT
 
 TASKS = ("vqa-rad", "slake", "pathvqa", "pmc-vqa", "vqa-jsonl", "report-jsonl", "nih-findings")
@@ -29,10 +29,6 @@ VQA_RAD_BUCKET_NOTE = ("Image bucket (VQA-RAD, by a hash of the image name): `tr
                        "(the test-disjoint split). On the standard test split every image also has training "
                        "questions, so `train` rows measure questions about images a recipe model has seen.")
 VQA_RAD_SPLITS = ("test", "test-disjoint", "val", "train", "train-all")
-
-
-class DataError(InputError):
-    """A benchmark file or image that is missing or cannot be read."""
 
 
 @dataclass
@@ -154,7 +150,7 @@ def _vqa_rad(data: Path, split: str) -> list[Item]:
     _check_split("vqa-rad", split, VQA_RAD_SPLITS)
     folder = data if data.is_dir() else data.parent
     source = "testset.json" if split in ("test", "test-disjoint") else "trainset.json"
-    records = _read_json(folder / source, "vqa-rad")
+    records = vqa_rad_records(folder / source)
     wanted = {"test-disjoint": "heldout", "val": "val", "train": "train"}.get(split)
     buckets = [vqa_rad_image_bucket(r["image_name"]) for r in records]
     # A few questions list two types ("PRES, POS"); the first one is the primary type.

@@ -10,7 +10,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from vlm.datasets import finding_words, label_rows, vqa_rad_image_bucket
+from vlm.datasets import finding_words, label_rows, vqa_rad_image_bucket, vqa_rad_records
 
 ORGANS = {"HEAD": "head", "CHEST": "chest", "ABD": "abdomen"}
 MODALITY_WORDS = [  # (regex over a lowercased question or answer, modality); MRI first: "mr flair"
@@ -40,7 +40,7 @@ def write_vqa_rad_captions(trainset_json: str | Path, out_jsonl: str | Path, ima
     `exclude`: image names to leave out (e.g. the test images, for an image-disjoint evaluation)."""
     path = Path(trainset_json)
     images = Path(images_dir) if images_dir else path.parent / "images"
-    organs, votes = organs_and_modality_votes(json.loads(path.read_text()))
+    organs, votes = organs_and_modality_votes(vqa_rad_records(path))
     lines = []
     for name in sorted(set(organs) - set(exclude)):
         modality = top_vote(votes[name])
@@ -91,7 +91,7 @@ def write_clip_data(nih: str | Path, vqa_rad: str | Path, out: str | Path) -> di
     counts = {"nih_train": write_label_captions(nih / "labels.csv", "train", out / "nih_train.jsonl"),
               "nih_val": write_label_captions(nih / "labels.csv", "val", out / "val.jsonl")}
     trainset = vqa_rad / "trainset.json"
-    names = {qa["image_name"] for qa in json.loads(trainset.read_text())}
+    names = {qa["image_name"] for qa in vqa_rad_records(trainset)}
     exclude = tuple(n for n in names if vqa_rad_image_bucket(n) != "train")
     counts["vqa_rad_train"] = write_vqa_rad_captions(trainset, out / "vqa_rad_train.jsonl", exclude=exclude)
     lines = (out / "nih_train.jsonl").read_text() + (out / "vqa_rad_train.jsonl").read_text()
@@ -113,7 +113,7 @@ def vqa_rad_conversations(trainset_json: str | Path, buckets: tuple[str, ...] = 
 
     path = Path(trainset_json)
     by_image: dict[str, list[dict]] = {}
-    for qa in json.loads(path.read_text()):
+    for qa in vqa_rad_records(path):
         if vqa_rad_image_bucket(qa["image_name"]) in buckets:
             by_image.setdefault(qa["image_name"], []).append(qa)
     records = []

@@ -13,14 +13,13 @@ the validation and held-out images stay unseen.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections import Counter
 from pathlib import Path
 
 from train.captions import keyed_rng, organs_and_modality_votes, question_answer_turns, top_vote
-from vlm.datasets import vqa_rad_image_bucket
+from vlm.datasets import vqa_rad_image_bucket, vqa_rad_records
 
 MODALITIES = {"CT": "a CT", "MRI": "an MRI", "x-ray": "an x-ray"}  # name (the answer) -> with article
 ORGANS = {"head": ("head", "brain"), "chest": ("chest",), "abdomen": ("abdomen",)}  # -> the words asked
@@ -110,7 +109,7 @@ def grounding_conversations(trainset_json: str | Path, buckets: tuple[str, ...] 
 
     path = Path(trainset_json)
     records = []
-    for name, attributes in sorted(image_attributes(json.loads(path.read_text())).items()):
+    for name, attributes in sorted(image_attributes(vqa_rad_records(path)).items()):
         if not attributes or vqa_rad_image_bucket(name) not in buckets:
             continue
         for copy in range(repeats):
