@@ -28,15 +28,21 @@ def rss() -> int:
         return int(f.read().split()[1]) * PAGE
 
 
-def header(rows: int = 512, cols: int = 512, frames: int | None = None, bits: int = 8, samples: int = 1,
-           photometric: str = "MONOCHROME2", syntax=ExplicitVRLittleEndian) -> Dataset:
+def new_dataset(sop_class=SecondaryCaptureImageStorage, modality: str = "OT", syntax=ExplicitVRLittleEndian) -> Dataset:
+    """An empty image dataset with its file meta, SOP class and instance UIDs, and modality."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = syntax
-    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
     ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, ds.file_meta.MediaStorageSOPInstanceUID
-    ds.Modality = "OT"
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality = modality
+    return ds
+
+
+def header(rows: int = 512, cols: int = 512, frames: int | None = None, bits: int = 8, samples: int = 1,
+           photometric: str = "MONOCHROME2", syntax=ExplicitVRLittleEndian) -> Dataset:
+    ds = new_dataset(syntax=syntax)
     ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, cols, samples, photometric
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
     if samples > 1:

@@ -96,6 +96,18 @@ def running(server):
         thread.join(TIMEOUT)
 
 
+@contextlib.contextmanager
+def serving(engine, make_app):
+    """`make_app(engine)` served on 127.0.0.1 for the block (the engine as `.engine`); the engine
+    is closed afterwards."""
+    try:
+        with running(local_server(make_app(engine))) as server:
+            server.engine = engine
+            yield server
+    finally:
+        engine.close()
+
+
 def wait_until(condition, seconds: float = 10.0) -> bool:
     deadline = time.monotonic() + seconds
     while not condition():

@@ -11,7 +11,7 @@ import pytest
 
 import vlm.generation as generation
 from serve.engine import Engine, Reply
-from tests.serve_fixtures import ANSWER, TIMEOUT, data_url, image_message, local_server, png_bytes, running
+from tests.serve_fixtures import ANSWER, TIMEOUT, data_url, image_message, png_bytes, serving
 from vlm.generation import context_length
 
 
@@ -19,11 +19,8 @@ from vlm.generation import context_length
 def server(taught_model):
     from serve.api import create_api
 
-    engine = Engine(taught_model, name="demo")
-    with running(local_server(create_api(engine))) as server:
-        server.engine = engine
+    with serving(Engine(taught_model, name="demo"), create_api) as server:
         yield server
-    engine.close()
 
 
 def test_a_prompt_over_the_context_is_a_400_that_states_the_limits(server, taught_model):

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from serve.engine import Engine, EngineBusy
-from tests.serve_fixtures import ANSWER, TIMEOUT, data_url, local_server, png_bytes, running
+from tests.serve_fixtures import ANSWER, TIMEOUT, data_url, png_bytes, serving
 
 openai = pytest.importorskip("openai", reason="the openai client is in the dev extra")
 
@@ -24,10 +24,8 @@ def api(taught_model):
     from serve.api import create_api
 
     engine = Engine(taught_model, queue_size=4, max_image_bytes=2**20, name="tiny")
-    with running(local_server(create_api(engine, max_body_bytes=2 * 2**20))) as server:
-        server.engine = engine
+    with serving(engine, lambda e: create_api(e, max_body_bytes=2 * 2**20)) as server:
         yield server
-    engine.close()
 
 
 @pytest.fixture(scope="module")

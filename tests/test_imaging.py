@@ -20,10 +20,10 @@ import pydicom
 import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage
 
+from tests.hostile_files import new_dataset
 from tests.image_checks import check_image, png_bytes
 from vlm.errors import InputError
 from vlm.imaging import WINDOW_PRESETS, describe_metadata, load_image
@@ -74,13 +74,7 @@ def has_pixel_data(path: Path) -> bool:
 
 def make_ct(path: Path, stored: np.ndarray, **attrs) -> Path:
     """Write a small synthetic CT with the given stored values (int16) and attributes."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, ds.file_meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CT"
+    ds = new_dataset(CTImageStorage, "CT")
     ds.set_pixel_data(stored.astype(np.int16), "MONOCHROME2", 16)
     for key, value in attrs.items():
         setattr(ds, key, value)

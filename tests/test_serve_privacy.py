@@ -14,7 +14,7 @@ import pytest
 
 from serve.logs import RedactingFormatter, exception_summary
 from serve.session_files import private_folder
-from tests.serve_fixtures import TIMEOUT, local_server, png_bytes, running, wait_until
+from tests.serve_fixtures import TIMEOUT, png_bytes, serving, wait_until
 
 PHI = "Patient Doe^Jane, MRN-12345"
 
@@ -24,11 +24,8 @@ def ui(taught_model):
     from serve.app import build_app
     from serve.engine import Engine
 
-    engine = Engine(taught_model, name="demo")
-    with running(local_server(build_app(engine))) as server:
-        server.engine = engine
+    with serving(Engine(taught_model, name="demo"), build_app) as server:
         yield server
-    engine.close()
 
 
 def test_a_gradio_validation_error_logs_no_request_text(ui, capfd, caplog):

@@ -21,7 +21,7 @@ The model itself takes tensors; its own placeholder-count check is the contract'
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from PIL import Image
@@ -52,23 +52,24 @@ class Batch:
     pixel_values: torch.Tensor | None
 
 
+@dataclass(eq=False)
 class Processor:
     """Conversations and images -> token ids, labels, masks and pixel values (see the module doc).
 
     `vision` is the image tower (its letterbox and normalisation); `device()` says where a
     generation batch goes (the model's device)."""
 
-    def __init__(self, tokenizer, vision, image_marker: str, image_token_id: int, num_image_tokens: int,
-                 system_prompt: str, device: Callable[[], torch.device]):
-        self.tokenizer = tokenizer
-        self.vision = vision
-        self.image_marker = image_marker
-        self.image_token_id = image_token_id
-        self.num_image_tokens = num_image_tokens
-        self.system_prompt = system_prompt
-        self._device = device
-        if not getattr(tokenizer, "chat_template", None):
-            tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer: Any
+    vision: Any
+    image_marker: str
+    image_token_id: int
+    num_image_tokens: int
+    system_prompt: str
+    device: Callable[[], torch.device]
+
+    def __post_init__(self):
+        if not getattr(self.tokenizer, "chat_template", None):
+            self.tokenizer.chat_template = CHATML_TEMPLATE
 
     # ---- markers -------------------------------------------------------------------------------
 
@@ -205,7 +206,7 @@ class Processor:
         on the model's device."""
         encoded = self._encode_all(conversations, images, add_generation_prompt=True)
         ids, mask = left_pad([e.input_ids for e in encoded], self.tokenizer.pad_token_id)
-        device = self._device()
+        device = self.device()
         flat = [img for imgs in images for img in imgs]
         pixels = self.preprocess(flat).to(device) if flat else None
         return Batch(ids.to(device), mask.to(device), pixels)
