@@ -104,50 +104,38 @@ def bench_api_load(model, image_png: bytes, requests: int = 16, max_tokens: int 
 
 
 @torch.no_grad()
-def bench_eval_batching(model, questions: list[tuple[str, object]], batch_size: int = 16, max_new_tokens: int = 16) -> dict:
-    """Questions/s of our batched greedy generation against a one-question-at-a-time Hugging Face
-    `generate` loop in the LLaVA-Med style, on the same questions, and how often the two give the
-    same answer tokens. The batches are timed twice: sorted by prompt length (as the evaluation
-    forms them) and in dataset order (before length sorting), to show what the sorting saves."""
+def bench_eval_batching(assistant, questions: list[tuple[str, object]], batch_size: int = 16,
+                        max_new_tokens: int = 16) -> dict:
+    """Questions/s of batched greedy generation against one question per `generate` call (the
+    LLaVA-Med `model_vqa.py` loop), through the same assistant and on the same questions, and how
+    often the two give the same answer. The batches are timed twice: sorted by prompt length (as
+    the evaluation forms them) and in dataset order, to show what the sorting saves. For an
+    endpoint, a "batch" is that many requests in flight at once."""
     from eval.predict import prompt_length_order
-    from vlm.generation import cut_at_stop, stop_token_ids
-    from vlm.prompts import vqa_messages
 
-    start = time.perf_counter()
-    sequential = []
-    for question, image in questions:  # LLaVA-Med's model_vqa.py: one prompt, one generate() call
-        batch = model.processor.generation_batch([vqa_messages(question)], [[image]])
-        embeds = model.embed(batch.input_ids, batch.pixel_values)
-        out = model.llm.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask, do_sample=False,
-                                 max_new_tokens=max_new_tokens, pad_token_id=model.tokenizer.pad_token_id)
-        sequential.append(cut_at_stop(out[0].tolist(), stop_token_ids(model)))
-    sequential_s = time.perf_counter() - start
-    n = len(questions)
     gen = GenerationConfig(max_new_tokens=max_new_tokens)
-    by_length = prompt_length_order(model, [vqa_messages(q) for q, _ in questions])  # as the evaluation batches
-    batched, batched_s = _batched_answers(model, questions, by_length, batch_size, gen)
-    in_order, in_order_s = _batched_answers(model, questions, list(range(n)), batch_size, gen)
-    same = sum(batched[i] == sequential[i] for i in range(n))
+    ask = assistant.prompts.vqa_messages
+    n = len(questions)
+    sequential, sequential_s = _batched_answers(assistant, questions, list(range(n)), 1, gen)
+    by_length = prompt_length_order(assistant, [ask(q) for q, _ in questions])  # as the evaluation batches
+    batched, batched_s = _batched_answers(assistant, questions, by_length, batch_size, gen)
+    in_order, in_order_s = _batched_answers(assistant, questions, list(range(n)), batch_size, gen)
     return {"questions": n, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
             "sequential_q_per_s": n / sequential_s, "batched_q_per_s": n / batched_s,
-            "speedup": sequential_s / batched_s, "same_answer_tokens": same,
+            "speedup": sequential_s / batched_s, "same_answers": sum(batched[i] == sequential[i] for i in range(n)),
             "dataset_order_q_per_s": n / in_order_s, "length_sorting_speedup": in_order_s / batched_s,
-            "same_answer_tokens_dataset_order": sum(in_order[i] == sequential[i] for i in range(n))}
+            "same_answers_dataset_order": sum(in_order[i] == sequential[i] for i in range(n))}
 
 
-def _batched_answers(model, questions, order: list[int], batch_size: int, gen) -> tuple[dict[int, list[int]], float]:
-    """Answer ids by question index, generated in batches cut from `order`, and the seconds taken."""
-    from vlm.generation import generate_ids
-    from vlm.prompts import vqa_messages
-
+def _batched_answers(assistant, questions, order: list[int], batch_size: int, gen) -> tuple[dict[int, str], float]:
+    """Answers by question index, generated in batches cut from `order`, and the seconds taken."""
     start = time.perf_counter()
-    answers: dict[int, list[int]] = {}
+    answers: dict[int, str] = {}
     for k in range(0, len(order), batch_size):
         chunk = order[k:k + batch_size]
-        batch = model.processor.generation_batch([vqa_messages(questions[i][0]) for i in chunk],
-                                                 [[questions[i][1]] for i in chunk])
-        for i, ids in zip(chunk, generate_ids(model, batch, gen)):
-            answers[i] = ids
+        replies = assistant.generate([assistant.prompts.vqa_messages(questions[i][0]) for i in chunk],
+                                     [[questions[i][1]] for i in chunk], gen)
+        answers.update(zip(chunk, replies))
     return answers, time.perf_counter() - start
 
 
@@ -178,14 +166,15 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def run_eval_bench(model, model_ref: str, vqa_rad: str, out: str, limit: int = 64, batch_size: int = 16) -> dict:
+def run_eval_bench(assistant, model_ref: str, vqa_rad: str, out: str, limit: int = 64, batch_size: int = 16) -> dict:
     from eval.tasks import load_task
     from vlm.imaging import load_image
 
     task = load_task("vqa-rad", vqa_rad, split="test", limit=limit)
     questions = [(item.question, load_image(item.image).to_pil()) for item in task.items]
     results = {"model": model_ref, "task": f"vqa-rad test, first {len(questions)} questions", "machine": machine(),
-               "eval_batching": bench_eval_batching(model, questions, batch_size=batch_size)}
+               "model_info": assistant.describe(),
+               "eval_batching": bench_eval_batching(assistant, questions, batch_size=batch_size)}
     write_results(results, out)
     return results
 
@@ -195,16 +184,16 @@ def markdown_eval(results: dict) -> str:
     return "\n".join([
         f"Model `{results['model']}`, {results['task']}; {results['machine']}.", "",
         f"| greedy, {b['max_new_tokens']} new tokens max | questions/s |", "|---|---|",
-        f"| one question per `generate()` call (LLaVA-Med style) | {b['sequential_q_per_s']:.2f} |",
-        f"| medvlm, length-sorted batches of {b['batch_size']} | {b['batched_q_per_s']:.2f} |",
+        f"| one question per `generate` call (LLaVA-Med style) | {b['sequential_q_per_s']:.2f} |",
+        f"| length-sorted batches of {b['batch_size']} | {b['batched_q_per_s']:.2f} |",
         f"| speed-up | {b['speedup']:.2f}x |",
-        f"| same answer tokens | {b['same_answer_tokens']} of {b['questions']} |", "",
+        f"| same answers | {b['same_answers']} of {b['questions']} |", "",
         "| length sorting (same run) | questions/s |", "|---|---|",
         f"| batches of {b['batch_size']} in dataset order (before) | {b['dataset_order_q_per_s']:.2f} |",
         f"| batches of {b['batch_size']} sorted by prompt length (after) | {b['batched_q_per_s']:.2f} |",
         f"| speed-up of sorting | {b['length_sorting_speedup']:.2f}x |",
-        f"| same answer tokens as one-at-a-time, dataset order | "
-        f"{b['same_answer_tokens_dataset_order']} of {b['questions']} |"])
+        f"| same answers as one at a time, dataset order | "
+        f"{b['same_answers_dataset_order']} of {b['questions']} |"])
 
 
 def add_commands(sub) -> None:
@@ -221,7 +210,7 @@ def add_commands(sub) -> None:
     s.add_argument("--out", default="runs/bench/serving.json")
     s.set_defaults(run=run_bench_serving)
     e = kinds.add_parser("eval", help="batched evaluation vs one question at a time, and length-sorted vs dataset order")
-    add_model_options(e)
+    add_model_options(e, prompt_style=True)
     e.add_argument("--data", required=True, help="the vqa_rad folder")
     e.add_argument("--limit", type=int, default=64, help="first N test questions")
     e.add_argument("--batch-size", type=int, default=16)
@@ -244,10 +233,13 @@ def add_commands(sub) -> None:
 
 
 def run_bench_eval(args) -> int:
-    from vlm.options import load_model_from_args
+    from vlm.options import load_assistant_from_args
 
-    model = load_model_from_args(args)
-    print(markdown_eval(run_eval_bench(model, args.model, args.data, args.out, args.limit, args.batch_size)))
+    assistant = load_assistant_from_args(args, concurrency=args.batch_size)
+    try:
+        print(markdown_eval(run_eval_bench(assistant, args.model, args.data, args.out, args.limit, args.batch_size)))
+    finally:
+        assistant.close()
     return 0
 
 

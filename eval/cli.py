@@ -69,7 +69,9 @@ def _add_task(tasks, name: str) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 16 for VQA, 160 for reports")
     p.add_argument("--ablate-image", action="store_true", help="also answer with a blank image and report the delta")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_model_options(p)
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="requests in flight at once for an openai: endpoint (default: 4)")
+    add_model_options(p, prompt_style=True)
     p.set_defaults(run=run_eval, task=name)
 
 
@@ -77,14 +79,16 @@ def run_eval(args) -> int:
     from eval.tables import markdown
     from eval.run import evaluate
     from eval.tasks import load_task
-    from vlm.options import load_model_from_args
+    from vlm.options import load_assistant_from_args
 
     task = load_task(args.task, args.data, split=args.split, limit=args.limit)
-    model = load_model_from_args(args)
-    model.eval()
-    results = evaluate(model, task, args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                       ablate_image=args.ablate_image, bootstrap=args.bootstrap, model_ref=args.model,
-                       progress=not args.no_progress)
+    assistant = load_assistant_from_args(args, concurrency=args.concurrency)
+    try:
+        results = evaluate(assistant, task, args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                           ablate_image=args.ablate_image, bootstrap=args.bootstrap, model_ref=args.model,
+                           progress=not args.no_progress)
+    finally:
+        assistant.close()
     print(markdown(results))
     print(f"results in {args.out}")
     return 0

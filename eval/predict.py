@@ -17,16 +17,17 @@ from eval.tasks import DataError, Item, Task
 PREDICTIONS, BLANK_PREDICTIONS = "predictions.jsonl", "predictions_blank.jsonl"
 
 
-def generate_predictions(model, task: Task, path: Path, batch_size: int, max_new_tokens: int, *,
+def generate_predictions(assistant, task: Task, path: Path, batch_size: int, max_new_tokens: int, *,
                          blank_image: bool = False, progress: bool = True, on_batch=None) -> tuple[int, float]:
     """Append the missing predictions of `task` to `path`, one batch at a time; return how many
-    were generated and the seconds it took (image loading included)."""
+    were generated and the seconds it took (image loading included). `assistant` is any
+    vlm.assistant.Assistant; it is asked with its prompt style's task prompts."""
     from tqdm import tqdm
 
-    from vlm.generation import GenerationConfig, generate
+    from vlm.generation import GenerationConfig
 
     done = read_predictions(path, repair=True)
-    ordered = _by_prompt_length(model, task)
+    ordered = _by_prompt_length(assistant, task)
     # Batches are cut from the full sorted list before skipping finished items, so a resumed run
     # forms the same batches (same padding, hence the same greedy answers) as an uninterrupted one.
     batches = [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
@@ -38,8 +39,8 @@ def generate_predictions(model, task: Task, path: Path, batch_size: int, max_new
     with path.open("a", encoding="utf-8") as f, tqdm(total=total - finished, desc=label, unit="q",
                                                       disable=not progress, dynamic_ncols=True) as bar:
         for batch in todo:
-            replies = generate(model, [_messages(task, it) for it in batch],
-                               [[_image(it, blank_image)] for it in batch], gen)
+            replies = assistant.generate([_messages(assistant, task, it) for it in batch],
+                                         [[_image(it, blank_image)] for it in batch], gen)
             f.write("".join(json.dumps(_record(it, reply)) + "\n" for it, reply in zip(batch, replies)))
             f.flush()
             os.fsync(f.fileno())
@@ -90,21 +91,20 @@ def _record(item: Item, prediction: str) -> dict:
             "answer_type": item.answer_type, "question_type": item.question_type}
 
 
-def _messages(task: Task, item: Item) -> list[dict]:
-    from vlm.prompts import report_messages, vqa_messages
+def _messages(assistant, task: Task, item: Item) -> list[dict]:
+    prompts = assistant.prompts
+    return prompts.report_messages() if task.kind == "report" else prompts.vqa_messages(item.question)
 
-    return report_messages() if task.kind == "report" else vqa_messages(item.question)
 
-
-def prompt_length_order(model, conversations: list[list[dict]]) -> list[int]:
-    """Indices of `conversations` sorted by prompt length in tokens (ties in given order): batches
-    of similar length waste little compute on padding."""
-    lengths = [len(model.processor.encode(c, add_generation_prompt=True).input_ids) for c in conversations]
+def prompt_length_order(assistant, conversations: list[list[dict]]) -> list[int]:
+    """Indices of `conversations` sorted by prompt length (tokens where the assistant counts them;
+    ties in given order): batches of similar length waste little compute on padding."""
+    lengths = [assistant.prompt_length(c) for c in conversations]
     return sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
 
 
-def _by_prompt_length(model, task: Task) -> list[Item]:
-    return [task.items[i] for i in prompt_length_order(model, [_messages(task, it) for it in task.items])]
+def _by_prompt_length(assistant, task: Task) -> list[Item]:
+    return [task.items[i] for i in prompt_length_order(assistant, [_messages(assistant, task, it) for it in task.items])]
 
 
 def _image(item: Item, blank: bool):

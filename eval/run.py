@@ -16,35 +16,40 @@ from eval.predict import BLANK_PREDICTIONS, PREDICTIONS, generate_predictions, p
 from eval.results import write_results
 from eval.score import read_answer_file, score
 from eval.tasks import Task, load_task
+from vlm.backends import as_assistant
 from vlm.errors import ConfigError
 
 SETTINGS = "run_settings.json"
 DEFAULT_MAX_NEW_TOKENS = {"vqa": 16, "report": 160}
 # What must match for a rerun to reuse the predictions already in an output folder.
-_RESUME_KEYS = ("model", "task", "split", "source", "prompt_template", "system_prompt", "max_new_tokens")
+_RESUME_KEYS = ("model", "backend", "model_revision", "task", "split", "source", "prompt_style", "prompt_template",
+                "system_prompt", "max_new_tokens")
 
 
-def evaluate(model, task: Task, out_dir: str | Path, batch_size: int = 8, max_new_tokens: int | None = None,
+def evaluate(assistant, task: Task, out_dir: str | Path, batch_size: int = 8, max_new_tokens: int | None = None,
              ablate_image: bool = False, bootstrap: int = 1000, *, model_ref: str = "", progress: bool = True,
              on_batch=None) -> dict:
     """Generate (resuming), score and write results.json / results.md / plots into `out_dir`.
 
-    `on_batch(done, total)` is called after each saved batch. Returns the results dict.
+    `assistant` is any vlm.assistant.Assistant (a bare MedVLM is wrapped). `on_batch(done, total)`
+    is called after each saved batch. Returns the results dict.
     """
-    from vlm.prompts import REPORT_PROMPT, VQA_PROMPT
-
     if batch_size < 1:
         raise ConfigError("batch size must be at least 1.")
-    model.eval()  # no dropout: greedy answers must be reproducible
+    assistant = as_assistant(assistant, model_ref).eval()  # no dropout: greedy answers must be reproducible
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"model": model_ref or "in-memory model", "task": task.name, "split": task.split,
-                "source": task.source, "prompt_template": REPORT_PROMPT if task.kind == "report" else VQA_PROMPT,
-                "system_prompt": model.config.system_prompt,
+    described = assistant.describe()
+    prompts = assistant.prompts
+    settings = {"model": model_ref or assistant.reference, "backend": assistant.backend,
+                "model_revision": described.get("revision"), "task": task.name, "split": task.split,
+                "source": task.source, "prompt_style": prompts.name,
+                "prompt_template": prompts.report if task.kind == "report" else prompts.vqa,
+                "system_prompt": described.get("system_prompt"),
                 "max_new_tokens": max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task.kind]}
     history = _check_settings(out / SETTINGS, settings)
     start = time.perf_counter()
-    generated, seconds = generate_predictions(model, task, out / PREDICTIONS, batch_size, settings["max_new_tokens"],
+    generated, seconds = generate_predictions(assistant, task, out / PREDICTIONS, batch_size, settings["max_new_tokens"],
                                               progress=progress, on_batch=on_batch)
     # Generation time accumulates over resumed runs, so the per-question rate survives a restart.
     if generated:
@@ -52,14 +57,14 @@ def evaluate(model, task: Task, out_dir: str | Path, batch_size: int = 8, max_ne
     (out / SETTINGS).write_text(json.dumps({**settings, "generation_log": history}, indent=2), encoding="utf-8")
     blank = None
     if ablate_image:
-        generate_predictions(model, task, out / BLANK_PREDICTIONS, batch_size, settings["max_new_tokens"],
+        generate_predictions(assistant, task, out / BLANK_PREDICTIONS, batch_size, settings["max_new_tokens"],
                              blank_image=True, progress=progress, on_batch=on_batch)
         blank = prediction_texts(read_predictions(out / BLANK_PREDICTIONS))
     results = score(task, prediction_texts(read_predictions(out / PREDICTIONS)), bootstrap=bootstrap, blank=blank)
     results = {**settings, "decoding": {"greedy": True, "temperature": 0.0, "max_new_tokens": settings["max_new_tokens"],
                                         "batch_size": batch_size, "order": "batches of items sorted by prompt length"},
                **results, "timing": _timing(history, generated, time.perf_counter() - start),
-               "versions": package_versions()}
+               "model_info": described, "backend_usage": assistant.usage(), "versions": package_versions()}
     write_results(out, results)
     return results
 

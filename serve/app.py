@@ -181,7 +181,7 @@ class Handlers:
     @_readable_stream
     async def chat(self, message, history, path, window, frame, max_tokens, temperature, request: gr.Request):
         # A typed image marker would count as a second image: the image comes from the upload only.
-        message = self.engine.model.processor.strip_markers(message or "").strip()
+        message = self.engine.assistant.strip_markers(message or "").strip()
         history = [{"role": m["role"], "content": _text(m.get("content"))} for m in history or []]
         if not message:
             gr.Warning("Type a question first.")

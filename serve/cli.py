@@ -126,7 +126,7 @@ def build_server(args: argparse.Namespace):
 
     from serve.app import build_app
     from serve.engine import Engine
-    from vlm.options import load_model_from_args
+    from vlm.options import load_assistant_from_args
 
     check_options(args)
     auth = resolve_auth(args)
@@ -139,10 +139,10 @@ def build_server(args: argparse.Namespace):
         print("medvlm: note: only requests addressed to 127.0.0.1, localhost or [::1] are answered; give "
               "--allowed-hosts NAME for the name or address other machines use.", file=sys.stderr)
     print(f"medvlm: loading model {args.model} ...", file=sys.stderr, flush=True)
-    model = load_model_from_args(args)
-    engine = Engine(model, concurrency=args.concurrency, queue_size=args.queue_size,
+    assistant = load_assistant_from_args(args, concurrency=args.concurrency)
+    engine = Engine(assistant, concurrency=args.concurrency, queue_size=args.queue_size,
                     max_image_bytes=int(args.max_image_mb * 2**20),
-                    max_cache_bytes=int(args.max_cache_mb * 2**20), name=Path(args.model).name or args.model)
+                    max_cache_bytes=int(args.max_cache_mb * 2**20), name=assistant.name)
     app = build_app(engine, auth=auth, allowed_hosts=hosts)
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     url = f"http://{shown}:{args.port}/"

@@ -1,4 +1,5 @@
-"""One loaded model behind a bounded request queue, shared by the Gradio app and the HTTP API.
+"""One assistant (vlm.assistant: a medvlm checkpoint, a transformers model or an OpenAI-compatible
+endpoint) behind a bounded request queue, shared by the Gradio app and the HTTP API.
 
 Concurrency: generation runs on `concurrency` worker threads (default 1). A conversation's KV
 cache is mutated in place while it decodes, and on one GPU parallel decodes mostly compete for
@@ -12,8 +13,8 @@ token, so an abandoned request never holds the model.
 
 Conversations are keyed by an id chosen by the caller (one browser session, one API client's
 named conversation: never by content, so no client's cache serves another) and hold their
-images and a `ConversationCache`, so a follow-up turn neither re-encodes the image nor
-recomputes its prefix. The least recently used ones are dropped beyond `max_conversations`, and
+images and, where the assistant keeps one (`capabilities.conversation_cache`), a session cache,
+so a follow-up turn neither re-encodes the image nor recomputes its prefix. The least recently used ones are dropped beyond `max_conversations`, and
 their KV caches are dropped, oldest first, beyond `max_cache_bytes` in all. A request with no
 conversation id is a one-off: nothing is cached or kept.
 
@@ -41,9 +42,10 @@ from PIL import Image
 
 from vlm import studies
 from vlm.errors import InputError, MedVLMError
-from vlm.generation import ConversationCache, GenerationConfig, TextStream, cache_bytes
+from vlm.assistant import ReplyStream
+from vlm.backends import as_assistant
+from vlm.generation import GenerationConfig, cache_bytes
 from vlm.imaging import MedicalImage, load_image
-from vlm.prompts import REPORT_PROMPT, VQA_PROMPT
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +66,8 @@ MIN_REPORT_SIDE = 64
 @dataclass
 class Conversation:
     images: list[Image.Image] = field(default_factory=list)
-    cache: ConversationCache | None = field(default_factory=ConversationCache)
-    """None for a one-off conversation: nothing is reused or kept."""
+    cache: object = None
+    """The assistant's session cache (Assistant.new_session); None: nothing is reused or kept."""
     lock: threading.Lock = field(default_factory=threading.Lock)
     """Held while the conversation decodes: its cache is not safe to share between two decodes."""
     active: "Reply | None" = None
@@ -146,12 +148,13 @@ class Reply:
 class Engine:
     """One loaded model, its request queue and its conversations (see the module docstring)."""
 
-    def __init__(self, model, concurrency: int = 1, queue_size: int = 16, max_image_bytes: int = 64 * 2**20,
+    def __init__(self, assistant, concurrency: int = 1, queue_size: int = 16, max_image_bytes: int = 64 * 2**20,
                  max_image_pixels: int = 50_000_000, max_conversations: int = 64, max_cache_bytes: int = 2 * 2**30,
                  name: str = "medvlm"):
+        """`assistant`: a vlm.assistant.Assistant (a MedVLM is wrapped); `name`: the id the API serves."""
         if concurrency < 1 or queue_size < 0 or max_conversations < 1 or max_cache_bytes < 0:
             raise ValueError("concurrency and max_conversations must be >= 1, queue_size and max_cache_bytes >= 0")
-        self.model = model
+        self.assistant = as_assistant(assistant, name)
         self.name = name
         self.concurrency = concurrency
         self.queue_size = queue_size
@@ -209,9 +212,9 @@ class Engine:
         one-off conversation. Raises EngineBusy at once when the queue is full; errors during
         decoding or generation (e.g. InputError) surface while reading."""
         gen = gen or GenerationConfig()
-        conversation = self._conversation(conversation_id) if conversation_id is not None else Conversation(cache=None)
+        conversation = self._conversation(conversation_id) if conversation_id is not None else Conversation()
         pending = list(conversation.images) if images is None else list(images)
-        messages = self.model.processor.with_markers(messages, len(pending))
+        messages = self.assistant.prepare(messages, len(pending))
         reply = Reply(gen.max_new_tokens)
         with self._lock:
             if self._pending >= self.concurrency + self.queue_size:
@@ -244,19 +247,18 @@ class Engine:
         if metadata is None:
             metadata = image.metadata if isinstance(image, MedicalImage) else {}
         study = studies.study_from_metadata(metadata) or self._ask_study(pil)
-        allowed = tuple(self.model.config.report_studies)
+        allowed = tuple(self.assistant.report_studies)
         if not studies.reportable(study, allowed):
             return {"study": study.describe(), "findings": studies.not_reportable_note(study, allowed),
                     "impression": "No draft: this study type is outside what the model was trained to report."}
-        report = split_report(self.chat(None, [{"role": "user", "content": REPORT_PROMPT}], [pil], gen).text())
+        report = split_report(self.chat(None, self.assistant.prompts.report_messages(), [pil], gen).text())
         report["impression"] = report["impression"] or studies.impression_from_findings(report["findings"])
         return {"study": study.describe(), **report}
 
     def _ask_study(self, image: Image.Image) -> studies.Study:
         """The study as the model names it (greedy, short answers, one-off conversations)."""
         gen = GenerationConfig(max_new_tokens=16)
-        modality, region = (self.chat(None, [{"role": "user", "content": VQA_PROMPT.format(question=q)}],
-                                      [image], gen).text()
+        modality, region = (self.chat(None, self.assistant.prompts.vqa_messages(q), [image], gen).text()
                             for q in (studies.MODALITY_QUESTION, studies.REGION_QUESTION))
         return studies.study_from_answers(modality, region)
 
@@ -275,7 +277,8 @@ class Engine:
 
     def _conversation(self, conversation_id: str) -> Conversation:
         with self._lock:
-            conversation = self._conversations.pop(conversation_id, None) or Conversation()
+            conversation = self._conversations.pop(conversation_id, None) or \
+                Conversation(cache=self.assistant.new_session())
             self._conversations[conversation_id] = conversation  # most recently used last
             while len(self._conversations) > self.max_conversations:
                 self._conversations.popitem(last=False)  # a running decode keeps its own reference
@@ -286,9 +289,9 @@ class Engine:
             self._pending -= 1
 
     def _stream(self, conversation: Conversation, messages: list[dict], images: list[Image.Image],
-                gen: GenerationConfig, cancelled=None) -> TextStream:
-        """The model's token stream (a seam: tests substitute a slow fake here)."""
-        return TextStream(self.model, messages, images, gen, session=conversation.cache, cancelled=cancelled)
+                gen: GenerationConfig, cancelled=None) -> ReplyStream:
+        """The assistant's reply stream (a seam: tests substitute a slow fake here)."""
+        return self.assistant.stream(messages, images, gen, session=conversation.cache, cancelled=cancelled)
 
     def _run(self, conversation_id: str, conversation: Conversation, messages, images, gen, reply: Reply) -> None:
         """Worker: decode into `reply` until the end, the budget or a cancel; always end the reply."""
@@ -341,24 +344,29 @@ class Engine:
         """Bytes held by the conversations' KV caches."""
         with self._lock:
             conversations = list(self._conversations.values())
-        return sum(cache_bytes(c.cache.past) for c in conversations if c.cache is not None)
+        return sum(_session_bytes(c.cache) for c in conversations)
 
     def _trim_caches(self) -> None:
         """Drop KV caches, least recently used first, until they hold at most max_cache_bytes
         (a conversation decoding right now keeps its cache; its images stay either way)."""
         with self._lock:
             conversations = list(self._conversations.values())  # oldest first
-        sizes = [cache_bytes(c.cache.past) if c.cache is not None else 0 for c in conversations]
+        sizes = [_session_bytes(c.cache) for c in conversations]
         total = sum(sizes)
         for conversation, size in zip(conversations, sizes):
             if total <= self.max_cache_bytes:
                 return
             if size and conversation.lock.acquire(blocking=False):
                 try:
-                    conversation.cache = ConversationCache()
+                    conversation.cache = self.assistant.new_session()
                 finally:
                     conversation.lock.release()
                 total -= size
+
+
+def _session_bytes(session) -> int:
+    """Bytes of KV cache a session holds (0 for none, or an assistant that keeps no tensors here)."""
+    return cache_bytes(getattr(session, "past", None))
 
 
 def split_report(text: str) -> dict[str, str]:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from eval.bench import bench_eval_batching, markdown_eval
+from vlm.backends import as_assistant
 from eval.bench_model import RANDOM_LLMS, RANDOM_VISIONS, random_llm_config, run_model_bench, synthetic_image
 from vlm.cli import main
 
@@ -88,10 +89,10 @@ def test_bench_eval_compares_sorted_and_dataset_order_batches(tiny_model):
     image = synthetic_image(64)
     questions = [("Is there a pleural effusion in the left lung base?", image), ("Modality?", image),
                  ("Is the heart enlarged?", image)]
-    b = bench_eval_batching(tiny_model, questions, batch_size=2, max_new_tokens=2)
+    b = bench_eval_batching(as_assistant(tiny_model), questions, batch_size=2, max_new_tokens=2)
     for key in ("sequential_q_per_s", "batched_q_per_s", "dataset_order_q_per_s", "speedup", "length_sorting_speedup"):
         assert _positive(b[key]), key
-    assert 0 <= b["same_answer_tokens"] <= 3 and 0 <= b["same_answer_tokens_dataset_order"] <= 3
+    assert 0 <= b["same_answers"] <= 3 and 0 <= b["same_answers_dataset_order"] <= 3
     table = markdown_eval({"model": "tiny", "task": "3 questions", "machine": "test", "eval_batching": b})
     assert "dataset order (before)" in table and "sorted by prompt length (after)" in table
 

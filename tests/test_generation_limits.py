@@ -109,7 +109,7 @@ def test_the_repetition_guard_stops_loops_and_is_off_unless_asked(tiny_model):
 
 
 def test_repetition_penalty_lowers_the_logits_of_tokens_already_in_the_reply():
-    guard = generation._RepetitionGuard(GenerationConfig(repetition_penalty=2.0), rows=1)
+    guard = generation.RepetitionGuard(GenerationConfig(repetition_penalty=2.0), rows=1)
     guard.add(torch.tensor([1]), torch.tensor([False]))
     logits = guard(torch.tensor([[1.0, 4.0, -1.0]]))
     assert logits.tolist() == [[1.0, 2.0, -1.0]]

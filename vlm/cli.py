@@ -16,7 +16,7 @@ from pathlib import Path
 
 from vlm.errors import ConfigError, MedVLMError
 from vlm.generation import GenerationConfig
-from vlm.options import add_model_options, add_options, collect, load_model_from_args
+from vlm.options import add_model_options, add_options, collect, load_assistant_from_args, load_model_from_args
 from vlm.presets import preset_names
 
 COMMANDS_GROUP = "medvlm.commands"
@@ -89,17 +89,15 @@ def _add_chat(sub) -> None:
 
 
 def run_chat(args) -> int:
-    from vlm.generation import TextStream
     from vlm.imaging import load_image
 
     window = _parse_window(args.window)
     images = [load_image(path, window=window, frame=args.frame).to_pil() for path in args.image]
     gen = dataclasses.replace(GenerationConfig().guarded(), **collect(args, GenerationConfig, GENERATION_OPTIONS))
     start = time.perf_counter()
-    model = load_model_from_args(args)
+    assistant = load_assistant_from_args(args)
     loaded = time.perf_counter()
-    messages = [model.processor.user_turn(args.question, len(images))]
-    reply = TextStream(model, messages, images, gen)
+    reply = assistant.stream([{"role": "user", "content": args.question}], images, gen)
     first = None
     for piece in reply:
         first = first or time.perf_counter()

@@ -117,7 +117,11 @@ def context_length(model) -> int:
 
 def check_fits(model, prompt_tokens: int, max_new_tokens: int) -> None:
     """InputError when the prompt leaves no room for `max_new_tokens` in the model's context."""
-    limit = context_length(model)
+    check_room(context_length(model), prompt_tokens, max_new_tokens)
+
+
+def check_room(limit: int, prompt_tokens: int, max_new_tokens: int) -> None:
+    """InputError when `prompt_tokens` + `max_new_tokens` exceed a context of `limit` tokens."""
     if prompt_tokens + max_new_tokens > limit:
         raise InputError(
             f"The prompt is {prompt_tokens:,} tokens; with max_tokens {max_new_tokens:,} it exceeds the model's "
@@ -166,7 +170,7 @@ def decode_steps(model, batch: Batch, gen: GenerationConfig, session: Conversati
             return
     if session is not None:
         session.update(ids, out.past_key_values, key)
-    guard = _RepetitionGuard(gen, ids.shape[0])
+    guard = RepetitionGuard(gen, ids.shape[0])
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     for _ in range(gen.max_new_tokens):
         token = _choose(guard(out.logits[:, -1, :].float()), gen, generator)
@@ -205,7 +209,7 @@ def _prefill(model, ids, mask, pixel_values, past, start: int, cancelled):
     return out
 
 
-class _RepetitionGuard:
+class RepetitionGuard:
     """GenerationConfig's repetition_penalty and no_repeat_ngram_size over each row's reply so far
     (the prompt is not counted: an answer may repeat the question's words)."""
 
@@ -320,29 +324,55 @@ class TextStream:
 
     def __iter__(self) -> Iterator[str]:
         stops = stop_token_ids(self.model)
-        ids: list[int] = []
-        shown = ""
+        text = DeltaText(lambda ids: self.model.tokenizer.decode(ids, skip_special_tokens=True), self.gen.stop)
         self.finish_reason = "length"
         for token in decode_steps(self.model, self.batch, self.gen, self.session, self.cancelled):
             if int(token[0]) in stops:
                 self.finish_reason = "stop"
                 break
-            ids.append(int(token[0]))
-            self.num_tokens = len(ids)
-            text = self.model.tokenizer.decode(ids, skip_special_tokens=True)
-            # Hold back an incomplete multi-byte character until its last byte arrives.
-            if text.endswith("\ufffd"):
-                continue
-            text, hit = cut_at_stop_string(text, self.gen.stop)
-            ready = text if hit else text[:len(text) - _held_back(text, self.gen.stop)]
-            if len(ready) > len(shown) and ready.startswith(shown):
-                yield ready[len(shown):]
-                shown = ready
-            if hit:
+            delta = text.push(int(token[0]))
+            self.num_tokens = len(text.ids)
+            if delta:
+                yield delta
+            if text.hit:
                 self.finish_reason = "stop"
                 return
-        text = cut_at_stop_string(self.model.tokenizer.decode(ids, skip_special_tokens=True), self.gen.stop)[0]
-        text = text.rstrip("\ufffd")  # an incomplete character at the budget's end stays unshown
-        if len(text) > len(shown) and text.startswith(shown):  # what was held back for a stop string
-            yield text[len(shown):]
+        if rest := text.flush():
+            yield rest
 
+
+class DeltaText:
+    """Token ids, one at a time, -> the text deltas a reader may be shown: the reply is cut before
+    the first of `stops` (text that could be the start of one is held back until it is not), and an
+    incomplete multi-byte character is held back until its last byte arrives. `hit` says a stop
+    string was found (then nothing more is shown)."""
+
+    def __init__(self, decode, stops: tuple[str, ...]):
+        self.decode, self.stops = decode, stops
+        self.ids: list[int] = []
+        self.shown = ""
+        self.hit = False
+
+    def push(self, token_id: int) -> str:
+        if self.hit:
+            return ""
+        self.ids.append(token_id)
+        text = self.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        text, self.hit = cut_at_stop_string(text, self.stops)
+        ready = text if self.hit else text[:len(text) - _held_back(text, self.stops)]
+        return self._show(ready)
+
+    def flush(self) -> str:
+        """What was held back for a stop string that never came (at the end of the reply)."""
+        if self.hit:
+            return ""
+        text = cut_at_stop_string(self.decode(self.ids), self.stops)[0]
+        return self._show(text.rstrip("\ufffd"))  # an incomplete character at the budget's end stays unshown
+
+    def _show(self, ready: str) -> str:
+        if len(ready) > len(self.shown) and ready.startswith(self.shown):
+            delta, self.shown = ready[len(self.shown):], ready
+            return delta
+        return ""

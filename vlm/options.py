@@ -18,6 +18,7 @@ from functools import lru_cache
 
 from vlm.config import LanguageConfig
 from vlm.errors import ConfigError
+from vlm.prompts import PROMPT_STYLES
 
 LANGUAGE_OVERRIDES = ["quantization", "dtype"]
 
@@ -100,16 +101,66 @@ def _base_type(hint):
     return args[0] if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)) else hint
 
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """--model, --device and the LLM overrides, shared by every command that loads a model."""
-    parser.add_argument("--model", default="demo", help="checkpoint folder or 'demo' (default: demo)")
+MODEL_HELP = ("the model: demo, a medvlm checkpoint folder, hf:ORG/NAME or a folder with a transformers "
+              "image-text-to-text model, or openai:BASE_URL#MODEL (an OpenAI-compatible endpoint) (default: demo)")
+# The options of each model kind beyond --model/--device (vlm.assistant.load_assistant).
+KIND_OPTIONS = {
+    "medvlm": ("dtype", "quantization"),
+    "transformers": ("dtype", "quantization", "device_map", "revision", "trust_remote_code"),
+    "openai": ("api_key_env", "timeout", "max_retries"),
+}
+
+
+def add_model_options(parser: argparse.ArgumentParser, prompt_style: bool = False) -> None:
+    """--model, --device and the options of each model kind, shared by every command that loads a
+    model; with `prompt_style`, --prompt-style too (commands that ask the task prompts)."""
+    parser.add_argument("--model", default="demo", help=MODEL_HELP)
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available, else cpu)")
     add_options(parser, LanguageConfig, LANGUAGE_OVERRIDES)
+    hf = parser.add_argument_group("transformers models (hf:ORG/NAME or a folder)")
+    hf.add_argument("--device-map", default=None, help="transformers device_map, e.g. auto to spread a large model "
+                                                       "over the GPUs (default: all on --device)")
+    hf.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) to load")
+    hf.add_argument("--trust-remote-code", action="store_true", default=None,
+                    help="run the model repository's own Python code (off unless you ask: read it first)")
+    api = parser.add_argument_group("OpenAI-compatible endpoints (openai:BASE_URL#MODEL)")
+    api.add_argument("--api-key-env", default=None, help="environment variable holding the API key "
+                                                          "(default: OPENAI_API_KEY if set)")
+    api.add_argument("--timeout", type=float, default=None, help="seconds to wait for one answer (default: 120)")
+    api.add_argument("--max-retries", type=int, default=None,
+                     help="retries of a request on 429, 5xx, timeouts and lost connections (default: 5)")
+    if prompt_style:
+        parser.add_argument("--prompt-style", default="ours", choices=PROMPT_STYLES,
+                            help="ours: medvlm's fixed task prompts; native: the model card's recommended prompt, "
+                                 "where one is configured for the model's family (default: ours)")
+
+
+def load_assistant_from_args(args, concurrency: int | None = None):
+    """The Assistant that --model names, with the options the user gave for its kind (an option of
+    another kind is a ConfigError naming it). `concurrency`: requests an endpoint may have in flight."""
+    from vlm.backends import load_assistant
+    from vlm.sources import model_kind
+
+    kind = model_kind(args.model)
+    given = {name: getattr(args, name, None) for names in KIND_OPTIONS.values() for name in names}
+    given = {k: v for k, v in given.items() if v is not None}
+    foreign = sorted(set(given) - set(KIND_OPTIONS[kind]))
+    if foreign:
+        flags = ", ".join("--" + f.replace("_", "-") for f in foreign)
+        raise ConfigError(f"{flags}: not an option of {kind} models (--model {args.model}).")
+    if kind == "openai" and concurrency is not None:
+        given["concurrency"] = concurrency
+    device = pick_device(args.device) if kind != "openai" else "cpu"
+    return load_assistant(args.model, device=device, prompt_style=getattr(args, "prompt_style", "ours"), **given)
 
 
 def load_model_from_args(args):
+    """A medvlm checkpoint (MedVLM) for the commands that look inside one (info, image-use probes)."""
     from vlm.model import MedVLM
+    from vlm.sources import model_kind
 
+    if model_kind(args.model) != "medvlm":
+        raise ConfigError(f"--model {args.model}: this command needs a medvlm checkpoint (demo or a folder).")
     return MedVLM.from_pretrained(args.model, device=pick_device(args.device), **collect(args, LanguageConfig, LANGUAGE_OVERRIDES))
 
 

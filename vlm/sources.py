@@ -125,3 +125,52 @@ def hub_hint(hub_id: str) -> str:
         f"could not load {hub_id!r} from the Hugging Face hub (offline, private or misspelled?). "
         f"Download it where there is network (`hf download {hub_id} --local-dir DIR`) and pass DIR."
     )
+
+
+# ---- which kind of model a reference names (vlm.assistant.load_assistant) ------------------------
+
+MODEL_KINDS = ("medvlm", "transformers", "openai")
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+def model_kind(reference: str) -> str:
+    """"openai" for `openai:BASE_URL#MODEL`, "transformers" for `hf:ORG/NAME` or a folder holding a
+    transformers model and its processor, "medvlm" otherwise (demo, checkpoint folders). Decided by
+    the reference's scheme or the folder's files, never by words in a name."""
+    ref = (reference or "").strip()
+    if ref.startswith("openai:"):
+        return "openai"
+    if ref.startswith("hf:"):
+        return "transformers"
+    path = Path(ref).expanduser()
+    if path.is_dir() and is_transformers_folder(path):
+        return "transformers"
+    return "medvlm"
+
+
+def is_transformers_folder(path: Path) -> bool:
+    """A transformers model folder: a config.json with a `model_type` beside a processor config."""
+    import json
+
+    config = path / "config.json"
+    if not config.is_file() or not any((path / name).is_file() for name in PROCESSOR_FILES):
+        return False
+    try:
+        return "model_type" in json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+def resolve_transformers(reference: str) -> Source:
+    """`hf:ORG/NAME` -> a hub Source (a local folder of that name wins); a folder -> a local Source."""
+    ref = reference.strip()
+    body = ref[len("hf:"):] if ref.startswith("hf:") else ref
+    path = Path(body).expanduser()
+    if path.is_dir():
+        if not is_transformers_folder(path):
+            raise ModelSourceError(f"Model source {ref!r}: folder {path} holds no transformers model with a processor "
+                                   f"(config.json with model_type, and {' or '.join(PROCESSOR_FILES)}).")
+        return Source("local", str(path.resolve()), reference=ref)
+    if _HUB_ID.match(body):
+        return Source("hub", body, reference=ref)
+    raise ModelSourceError(f"Model source {ref!r}: give hf:ORG/NAME (a hub id) or a folder with a transformers model.")
