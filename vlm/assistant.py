@@ -104,7 +104,7 @@ class Assistant(ABC):
         """`text` without image markers (a marker a user typed would count as an image)."""
         return text.replace(IMAGE_MARKER, "")
 
-    def prepare(self, messages: list[dict], n_images: int) -> list[dict]:
+    def prepare(self, messages: list[dict], n_images: int | None) -> list[dict]:
         """Check a conversation for `n_images` images early (InputError); its normalized form.
         Idempotent: generate and stream accept what it returns."""
         return as_parts(messages, n_images)
@@ -121,10 +121,11 @@ class Assistant(ABC):
         """Release what the assistant holds open (connections, worker threads)."""
 
 
-def as_parts(messages: list[dict], n_images: int) -> list[dict]:
+def as_parts(messages: list[dict], n_images: int | None) -> list[dict]:
     """`messages` with list-of-parts content: `<image>` markers in text become image parts, and
     `n_images` image parts go in front of the first user turn when none is given. InputError when
-    the image parts are not exactly `n_images` or a message is malformed."""
+    the image parts are not exactly `n_images` (None: as many as the conversation has) or a
+    message is malformed."""
     out = []
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
@@ -132,6 +133,8 @@ def as_parts(messages: list[dict], n_images: int) -> list[dict]:
             raise InputError(f"message role must be system, user or assistant, got {role!r}.")
         out.append({"role": m["role"], "content": _parts(m.get("content"))})
     count = sum(p["type"] == "image" for m in out for p in m["content"])
+    if n_images is None:
+        return out
     if count == 0 and n_images:
         first = next((m for m in out if m["role"] == "user"), None)
         if first is None:

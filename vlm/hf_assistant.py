@@ -76,7 +76,7 @@ class TransformersAssistant(Assistant):
 
     # ---- conversations -> model inputs ----------------------------------------------------------
 
-    def _render(self, messages: list[dict], n_images: int) -> str:
+    def _render(self, messages: list[dict], n_images: int | None) -> str:
         return self.processor.apply_chat_template(self.prepare(messages, n_images), add_generation_prompt=True,
                                                   tokenize=False)
 
@@ -90,7 +90,7 @@ class TransformersAssistant(Assistant):
         return inputs.to(self.model.device)
 
     def prompt_length(self, messages: list[dict]) -> int:
-        return len(self.tokenizer(self._render(messages, 0), add_special_tokens=False)["input_ids"])
+        return len(self.tokenizer(self._render(messages, None), add_special_tokens=False)["input_ids"])
 
     def context_length(self) -> int:
         config = self.model.config
