@@ -85,11 +85,17 @@ class TransformersAssistant(Assistant):
             raise ConfigError("give one list of images per conversation.")
         texts = [self._render(c, len(imgs)) for c, imgs in zip(conversations, images)]
         given = [list(imgs) for imgs in images]
+        # A template that writes the BOS token itself (Gemma 3's) must not get a second one from
+        # the tokenizer: the rule transformers' own apply_chat_template(tokenize=True) follows.
+        bos = self.tokenizer.bos_token
+        special = not (bos and all(t.startswith(bos) for t in texts))
         # Nested (one list per prompt) is the shape every image-text-to-text processor takes.
-        inputs = self.processor(text=texts, images=given if any(given) else None, return_tensors="pt", padding=True)
+        inputs = self.processor(text=texts, images=given if any(given) else None, return_tensors="pt", padding=True,
+                                add_special_tokens=special)
         return inputs.to(self.model.device)
 
     def prompt_length(self, messages: list[dict]) -> int:
+        """Tokens of the rendered prompt, each image counted as its one placeholder (for ordering)."""
         return len(self.tokenizer(self._render(messages, None), add_special_tokens=False)["input_ids"])
 
     def context_length(self) -> int:
