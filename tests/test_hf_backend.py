@@ -95,6 +95,19 @@ def test_chat_streams_the_reply_that_generate_gives(tiny_hf_model, tmp_path, cap
     assert capsys.readouterr().out.strip() == expected
 
 
+def test_bench_eval_and_info_take_a_transformers_model(tiny_hf_models, capsys):
+    from eval.bench import bench_eval_batching
+
+    assistant = load_assistant(str(tiny_hf_models["qwen2_5_vl"]))
+    questions = [(q, _image(k, (40 + 16 * k, 48))) for k, q in enumerate(QUESTIONS)]
+    b = bench_eval_batching(assistant, questions, batch_size=3, max_new_tokens=4)
+    # Left-padded batches answer exactly as one question at a time, in either order.
+    assert b["same_answers"] == b["same_answers_dataset_order"] == len(QUESTIONS)
+    assert main(["info", "--model", str(tiny_hf_models["qwen2_5_vl"])]) == 0
+    out = capsys.readouterr().out
+    assert "backend      transformers" in out and "model_type   qwen2_5_vl" in out
+
+
 def test_stop_strings_and_cancel_end_a_transformers_stream(tiny_hf_models):
     assistant = load_assistant(str(tiny_hf_models["gemma3"]))
     image = _image(3)

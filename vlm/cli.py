@@ -136,8 +136,13 @@ def _add_info(sub) -> None:
 
 
 def run_info(args) -> int:
-    from vlm.sources import resolve
+    from vlm.sources import model_kind, resolve
 
+    if model_kind(args.model) != "medvlm":  # a transformers model or an endpoint: what it says of itself
+        assistant = load_assistant_from_args(args)
+        for key, value in assistant.describe().items():
+            print(f"{key:<13}{value}")
+        return 0
     model = load_model_from_args(args)
     cfg = model.config
     print(f"model        {args.model} -> {resolve(args.model).location}")
