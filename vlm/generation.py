@@ -323,22 +323,30 @@ class TextStream:
         return self.session.last_reused if self.session is not None else 0
 
     def __iter__(self) -> Iterator[str]:
-        stops = stop_token_ids(self.model)
-        text = DeltaText(lambda ids: self.model.tokenizer.decode(ids, skip_special_tokens=True), self.gen.stop)
-        self.finish_reason = "length"
-        for token in decode_steps(self.model, self.batch, self.gen, self.session, self.cancelled):
-            if int(token[0]) in stops:
-                self.finish_reason = "stop"
-                break
-            delta = text.push(int(token[0]))
-            self.num_tokens = len(text.ids)
-            if delta:
-                yield delta
-            if text.hit:
-                self.finish_reason = "stop"
-                return
-        if rest := text.flush():
-            yield rest
+        steps = (int(token[0]) for token in decode_steps(self.model, self.batch, self.gen, self.session, self.cancelled))
+        decode = lambda ids: self.model.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        yield from text_deltas(steps, stop_token_ids(self.model), decode, self.gen.stop, self)
+
+
+def text_deltas(tokens: Iterator[int], end_ids: set[int], decode, stops: tuple[str, ...], reply) -> Iterator[str]:
+    """The text deltas of a reply's token ids (vlm.generation.DeltaText), up to an end token, a
+    stop string or the tokens' end; keeps `reply.num_tokens` and `reply.finish_reason` ("stop" or
+    "length") up to date. Every streaming kind of assistant shows its tokens through this."""
+    text = DeltaText(decode, stops)
+    reply.finish_reason = "length"
+    for token in tokens:
+        if token in end_ids:
+            reply.finish_reason = "stop"
+            break
+        delta = text.push(token)
+        reply.num_tokens = len(text.ids)
+        if delta:
+            yield delta
+        if text.hit:
+            reply.finish_reason = "stop"
+            return
+    if rest := text.flush():
+        yield rest
 
 
 class DeltaText:

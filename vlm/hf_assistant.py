@@ -21,11 +21,10 @@ import torch
 
 from vlm.assistant import Assistant, Capabilities
 from vlm.errors import ConfigError, ModelSourceError
-from vlm.generation import DeltaText, GenerationConfig, RepetitionGuard, check_room, cut_at_stop_string
+from vlm.generation import GenerationConfig, RepetitionGuard, check_room, cut_at_stop_string, text_deltas
+from vlm.hf_lora import DTYPES, QUANTIZATIONS, load_failure, load_run, quantization_config
 from vlm.prompts import prompt_style
-
-QUANTIZATIONS = ("none", "4bit", "8bit")
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+from vlm.sources import Source
 
 
 class TransformersAssistant(Assistant):
@@ -51,11 +50,23 @@ class TransformersAssistant(Assistant):
                        trust_remote_code: bool = False) -> "TransformersAssistant":
         """Load processor and model. dtype: bfloat16 | float32 (default: bfloat16 on a GPU, float32
         on the CPU); quantization: none | 4bit (NF4, double quantization) | 8bit (bitsandbytes);
-        device_map: e.g. "auto" to spread a large model over the GPUs (default: all on `device`)."""
+        device_map: e.g. "auto" to spread a large model over the GPUs (default: all on `device`).
+        A LoRA run folder (vlm/hf_lora.py) loads its base as trained, unless dtype or quantization is
+        given, with the adapter on it."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        from vlm.sources import resolve_transformers
+        from vlm.sources import is_lora_run_folder, resolve_transformers
 
+        if is_lora_run_folder(Path(reference)):
+            if revision:
+                raise ConfigError(f"--revision: {reference} loads the base revision it was trained on (its config.json).")
+            model, processor, run = load_run(reference, device=device, dtype=dtype, quantization=quantization,
+                                             device_map=device_map, trust_remote_code=trust_remote_code)
+            settings = {"dtype": dtype or run.dtype, "quantization": quantization or run.quantization,
+                        "device_map": device_map, "revision": None, "trust_remote_code": trust_remote_code,
+                        "source": Source("local", str(Path(reference).resolve()), reference=reference),
+                        "base_model": run.base_model, "base_revision": run.base_revision}
+            return cls(model, processor, reference, prompt_style, settings)
         source = resolve_transformers(reference)
         dtype = dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
         if dtype not in DTYPES or (quantization or "none") not in QUANTIZATIONS:
@@ -64,12 +75,12 @@ class TransformersAssistant(Assistant):
         load = {"revision": revision, "trust_remote_code": trust_remote_code}
         kwargs = {**load, "dtype": DTYPES[dtype], "device_map": device_map or {"": str(device)}}
         if quantization not in (None, "none"):
-            kwargs["quantization_config"] = _bnb_config(quantization, DTYPES[dtype])
+            kwargs["quantization_config"] = quantization_config(quantization, DTYPES[dtype])
         try:
             processor = AutoProcessor.from_pretrained(source.location, **load)
             model = AutoModelForImageTextToText.from_pretrained(source.location, **kwargs)
         except OSError as e:  # not on disk, not reachable on the hub: one line, no traceback
-            raise ModelSourceError(_load_failure(source, e)) from None
+            raise ModelSourceError(load_failure(source, e)) from None
         settings = {"dtype": dtype, "quantization": quantization or "none", "device_map": device_map,
                     "revision": revision, "trust_remote_code": trust_remote_code, "source": source}
         return cls(model, processor, reference, prompt_style, settings)
@@ -137,8 +148,9 @@ class TransformersAssistant(Assistant):
         revision = getattr(self.model.config, "_commit_hash", None) if source is None or source.kind == "hub" \
             else folder_digest(source.location)
         template = self.processor.chat_template or ""
+        adapter = {k: self.settings[k] for k in ("base_model", "base_revision") if k in self.settings}
         return {"backend": self.backend, "model": self.reference, "model_type": self.family, "revision": revision,
-                "dtype": self.settings.get("dtype"), "quantization": self.settings.get("quantization"),
+                **adapter, "dtype": self.settings.get("dtype"), "quantization": self.settings.get("quantization"),
                 "device_map": self.settings.get("device_map"),
                 "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest()[:16],
                 "system_prompt": self.prompts.system or "the chat template's default"}
@@ -166,25 +178,10 @@ class TransformersStream:
         worker = threading.Thread(target=self._generate, args=(tokens,), name="medvlm-hf-stream", daemon=True)
         worker.start()
         tokenizer = self.assistant.tokenizer
-        stops = _eos_ids(self.assistant.model, tokenizer)
-        text = DeltaText(lambda ids: tokenizer.decode(ids, skip_special_tokens=True), self.gen.stop)
-        self.finish_reason = "length"
+        decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         try:
-            while (item := tokens.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                if item in stops:
-                    self.finish_reason = "stop"
-                    continue  # generate ends by itself after an end token
-                delta = text.push(item)
-                self.num_tokens = len(text.ids)
-                if delta:
-                    yield delta
-                if text.hit:
-                    self.finish_reason = "stop"
-                    return
-            if rest := text.flush():
-                yield rest
+            yield from text_deltas(_until_done(tokens), _eos_ids(self.assistant.model, tokenizer), decode,
+                                   self.gen.stop, self)
         finally:
             self._stopped.set()  # a reader that left early, or a stop string: generate stops at the next step
             worker.join()
@@ -197,6 +194,14 @@ class TransformersStream:
             tokens.put(e)
         finally:
             tokens.put(None)
+
+
+def _until_done(tokens: queue.SimpleQueue) -> Iterator[int]:
+    """The token ids the generating thread hands over, until its end marker; its error re-raised here."""
+    while (item := tokens.get()) is not None:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 class _TokenQueue:
@@ -250,22 +255,3 @@ def _eos_ids(model, tokenizer) -> set[int]:
     configured = getattr(model.generation_config, "eos_token_id", None)
     ids = set(configured) if isinstance(configured, (list, tuple)) else {configured}
     return {i for i in ids | {tokenizer.eos_token_id} if i is not None}
-
-
-def _bnb_config(quantization: str, compute_dtype: torch.dtype):
-    from transformers import BitsAndBytesConfig
-
-    if quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype)
-
-
-def _load_failure(source, error: OSError) -> str:
-    from vlm.sources import hub_hint
-
-    if source.kind == "hub":
-        return f"Model source {source.reference!r}: {hub_hint(source.location)}"
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return f"Model source {source.reference!r}: cannot load the transformers model in {source.location} ({first[:200]})."
-
