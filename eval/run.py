@@ -64,7 +64,8 @@ def evaluate(assistant, task: Task, out_dir: str | Path, batch_size: int = 8, ma
     results = {**settings, "decoding": {"greedy": True, "temperature": 0.0, "max_new_tokens": settings["max_new_tokens"],
                                         "batch_size": batch_size, "order": "batches of items sorted by prompt length"},
                **results, "timing": _timing(history, generated, time.perf_counter() - start),
-               "model_info": described, "backend_usage": assistant.usage(), "versions": package_versions()}
+               "model_info": assistant.describe(),  # again: an endpoint's fingerprint is known after it answered
+               "backend_usage": assistant.usage(), "versions": package_versions()}
     write_results(out, results)
     return results
 

@@ -337,7 +337,9 @@ class Engine:
             reply._push(delta)
             if reply.cancelled:
                 break
-        reply.completion_tokens, reply.cached_tokens = stream.num_tokens, stream.cached_tokens
+        # Read the counts again: an endpoint's stream learns them only from its last chunk.
+        reply.prompt_tokens, reply.completion_tokens = stream.prompt_tokens, stream.num_tokens
+        reply.cached_tokens = stream.cached_tokens
         reply.finish_reason = "cancelled" if reply.cancelled else (stream.finish_reason or "stop")
 
     def cache_bytes(self) -> int:

@@ -45,8 +45,10 @@ class Capabilities:
 
 
 class ReplyStream(Protocol):
-    """One streamed reply: iterate it for text deltas. Counts are known once iteration has started
-    (`prompt_tokens` may be known before); `finish_reason` ("stop" or "length") at the end."""
+    """One streamed reply: iterate it for text deltas. `num_tokens` grows as they come; the other
+    counts are final once iteration ends (an endpoint learns `prompt_tokens` from its last chunk;
+    a local model knows it before). `finish_reason` is "stop" or "length" at the end, and may stay
+    None when the reader stopped early (a cancel)."""
     prompt_tokens: int
     num_tokens: int
     cached_tokens: int
