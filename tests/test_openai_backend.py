@@ -241,6 +241,26 @@ def test_429_and_503_are_retried_and_counted_by_cause(fake):
     assert len(fake.bodies) == 5
 
 
+def test_an_evaluation_through_a_flaky_endpoint_counts_its_retries_in_the_results(fake, tmp_path):
+    from eval.run import evaluate
+    from eval.tasks import load_task
+
+    lines = []
+    for k in range(4):
+        Image.fromarray(np.full((16, 16), 40 * k, dtype=np.uint8)).save(tmp_path / f"{k}.png")
+        lines.append(json.dumps({"id": f"q{k}", "image": f"{k}.png", "question": f"Question {k}?", "answer": "yes",
+                                 "answer_type": "closed"}))
+    (tmp_path / "vqa.jsonl").write_text("\n".join(lines) + "\n")
+    fake.script = [("status", 429, "Rate limit reached.", {"Retry-After": "0"}), ("status", 502, "Bad gateway."),
+                   ("status", 500, "Internal error.")]
+    results = evaluate(connect(fake, concurrency=1), load_task("vqa-jsonl", tmp_path / "vqa.jsonl"), tmp_path / "out",
+                       batch_size=2, bootstrap=0, progress=False)
+    assert results["metrics"]["closed_strict"] == 1.0  # "Yes." to four yes questions: every answer arrived
+    assert results["backend_usage"] == {"requests": 4, "retries": {**NO_RETRIES, "429": 1, "5xx": 2}}
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["backend_usage"] == results["backend_usage"] and saved["backend"] == "openai"
+
+
 def test_a_read_timeout_is_retried(fake):
     fake.script = [("sleep", 1.5)]
     assistant = connect(fake, timeout=0.4)
