@@ -529,3 +529,36 @@ def test_eval_through_the_endpoint_fails_in_one_line_when_the_server_dies_and_re
     results = json.loads((out / "results.json").read_text())
     assert results["backend"] == "openai" and results["backend_usage"]["requests"] == 40 - done
     assert results["model_info"]["served_model"] == "demo"
+
+
+def test_medvlm_serve_in_front_of_an_endpoint_answers_the_openai_sdk_and_drafts(fake):
+    """Our API (and its limits) in front of another server: the SDK's plain and streamed answers
+    come from the endpoint, counts from its usage chunk; a report draft asks it the study first."""
+    from openai import OpenAI
+
+    from serve.api import create_api
+    from serve.engine import Engine
+    from tests.serve_fixtures import data_url, png_bytes, serving
+
+    fake.chunks = [sse("The lungs"), sse(" are clear."), sse(finish="stop"),
+                   sse(usage={"prompt_tokens": 21, "completion_tokens": 3, "total_tokens": 24}), "data: [DONE]\n\n"]
+    fake.answer = "The lungs are clear."
+    assistant = connect(fake)
+    with serving(Engine(assistant, name=assistant.name), create_api) as server:
+        client = OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=30)
+        assert [m.id for m in client.models.list().data] == ["fake"]
+        messages = [{"role": "user", "content": [{"type": "text", "text": "Lungs?"},
+                                                 {"type": "image_url", "image_url": {"url": data_url(png_bytes(2))}}]}]
+        streamed = list(client.chat.completions.create(model="fake", messages=messages, max_tokens=8, stream=True,
+                                                       stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == "The lungs are clear."
+        assert streamed[-1].usage.prompt_tokens == 21 and streamed[-1].usage.completion_tokens == 3
+        forwarded = fake.bodies[-1]
+        parts = forwarded["messages"][0]["content"]  # the image went on to the endpoint, as the client placed it
+        assert [p["type"] for p in parts] == ["text", "image_url"] and parts[1]["image_url"]["url"].startswith("data:")
+        assert forwarded["repetition_penalty"] == 1.1  # our API's chat default guard, passed on explicitly
+        fake.chunks = [sse("A chest X-ray."), sse(finish="stop"), "data: [DONE]\n\n"]  # every streamed answer
+        asked = len(fake.bodies)
+        draft = server.engine.draft_report(Image.new("L", (96, 96)))
+        assert draft["study"] == "radiograph of the chest (from the model's answers)"
+        assert draft["findings"] == "A chest X-ray." and len(fake.bodies) == asked + 3  # modality, region, report
