@@ -1,4 +1,5 @@
-"""`medvlm train {clip,align,instruct} --config PRESET_OR_YAML [overrides]`.
+"""`medvlm train {clip,align,instruct} --config PRESET_OR_YAML [overrides]`, and
+`medvlm train instruct --model hf:ORG/NAME|FOLDER [--config RECIPE] [overrides]` for transformers models.
 
 A config file (or a recipe in train/configs) names its model with `model_preset:` (a model preset
 in vlm/presets) and/or gives a `model:` section (MedVLMConfig fields, over the preset's), and has one
@@ -6,6 +7,12 @@ section per stage, each with `stage:` (the stage's dataclass) and `train:` (Trai
 for align and instruct, an optional `model:` section of MedVLMConfig fields for that stage alone.
 Every field can be overridden on the command line; the options are derived from the dataclasses
 (model fields with a prefix: `--model.language.lora-r 16`, `--model.vision.trainable`).
+
+`--model` naming a transformers image-text-to-text model (vlm.sources.model_kind), or a recipe whose
+instruct stage names one (`instruct: {stage: {model: hf:...}}`, e.g. medgemma-4b-qlora), trains that model
+with LoRA/QLoRA instead (train/hf_instruct.py): its stage fields are HFInstructConfig's, and the
+medvlm-only options (--init, --model.*) do not apply. `medvlm export --merge` is added here too
+(train/export.py).
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from train.export import add_export_command
+from train.hf_instruct import HFInstructConfig
 from train.loop import TrainConfig, train
 from vlm.config import MedVLMConfig, from_dict
 from vlm.errors import ConfigError
@@ -40,18 +49,23 @@ def add_commands(sub) -> None:
              "instruct": "projector + LoRA instruction tuning on conversations"}
     for name in STAGES:
         s = stages.add_parser(name, help=helps[name])
-        s.add_argument("--config", required=True, help="a recipe name (train/configs) or a YAML file")
+        s.add_argument("--config", required=name != "instruct", help="a recipe name (train/configs) or a YAML file"
+                       + (" (optional with --model)" if name == "instruct" else ""))
         s.add_argument("--no-resume", action="store_true", help="start over even if OUT has checkpoints")
         add_options(s, TrainConfig, simple_fields(TrainConfig))
         add_options(s, stage_config_class(name), simple_fields(stage_config_class(name)))
         if name != "clip":  # clip trains its own tower (its stage's `vision`), not a MedVLM
             add_nested_options(s, MedVLMConfig, "model")
+        if name == "instruct":
+            add_options(s.add_argument_group("transformers models (--model hf:ORG/NAME or a folder)"),
+                        HFInstructConfig, hf_only_fields())
         s.set_defaults(run=run_train, stage=name)
     data = stages.add_parser("clip-data", help="write caption pairs for `train clip` from NIH and VQA-RAD")
     data.add_argument("--nih", required=True, help="the nih_cxr folder (labels.csv, images/)")
     data.add_argument("--vqa-rad", required=True, help="the vqa_rad folder (trainset.json, images/)")
     data.add_argument("--out", required=True, help="folder for train.jsonl and val.jsonl")
     data.set_defaults(run=run_clip_data)
+    add_export_command(sub)
     carve = stages.add_parser("nih-split", help="copy the NIH labels with some train patients moved to val "
                                                 "(a wider val split for choosing runs)")
     carve.add_argument("--nih", required=True, help="the nih_cxr folder (labels.csv, images/)")
@@ -215,12 +229,62 @@ def build_stage(name: str, data: dict, overrides_train: dict, overrides_stage: d
     return cls(stage_cfg, model_cfg, train_cfg.batch_size, train_cfg.skip_bad, model_changes=changes), train_cfg
 
 
-def run_train(args) -> int:
-    data = load_config_file(args.config)
+def hf_only_fields() -> list[str]:
+    """HFInstructConfig's command-line fields that the medvlm instruct stage does not share."""
+    from train.vlm_stage import VLMStageConfig
+
+    return [f for f in simple_fields(HFInstructConfig) if f not in simple_fields(VLMStageConfig)]
+
+
+def transformers_base(data: dict, given: str | None) -> str | None:
+    """The transformers model an instruct run trains (--model, else the recipe's instruct.stage.model), or None."""
+    from vlm.sources import model_kind
+
+    model = given or ((data.get("instruct") or {}).get("stage") or {}).get("model")
+    if model and model_kind(model) != "transformers":
+        raise ConfigError(f"--model {model}: not a transformers model (hf:ORG/NAME, or a folder with config.json and "
+                          "a processor); a medvlm checkpoint is trained with --config RECIPE --init FOLDER.")
+    return model or None
+
+
+def build_hf_stage(data: dict, overrides_train: dict, overrides_stage: dict):
+    """The transformers instruct stage and its TrainConfig, from a recipe mapping plus overrides."""
+    from train.hf_instruct import HFInstructStage
+
+    if data.get("model"):
+        raise ConfigError("a transformers recipe names its base in instruct.stage.model, not in model: or model_preset:.")
+    section = data.get("instruct") or {}
+    train_cfg = from_dict(TrainConfig, {**section.get("train", {}), **overrides_train}, where="instruct.train")
+    stage_cfg = from_dict(HFInstructConfig, {**section.get("stage", {}), **overrides_stage}, where="instruct.stage")
+    return HFInstructStage(stage_cfg, train_cfg.batch_size, train_cfg.skip_bad, train_cfg.device), train_cfg
+
+
+def _stage_from_args(args):
+    """(stage, TrainConfig) for the command line: a transformers model's instruct stage, or a medvlm stage."""
+    from train.vlm_stage import VLMStageConfig
+
+    data = load_config_file(args.config) if args.config else {}
+    train_overrides = collect(args, TrainConfig, simple_fields(TrainConfig))
+    hf_given = collect(args, HFInstructConfig, hf_only_fields()) if args.stage == "instruct" else {}
+    if args.stage == "instruct" and transformers_base(data, hf_given.get("model")):
+        medvlm_only = {**collect(args, VLMStageConfig, ["init", "vision_from", "caption_prompt"]),
+                       **collect_nested(args, MedVLMConfig, "model")}
+        if medvlm_only:
+            raise ConfigError(f"{', '.join(sorted(medvlm_only))}: options of medvlm models, not of a transformers "
+                              "--model (use --quantization, --lora-r, --vision ...).")
+        return build_hf_stage(data, train_overrides, collect(args, HFInstructConfig, simple_fields(HFInstructConfig)))
+    if hf_given:
+        flags = ", ".join("--" + f.replace("_", "-") for f in sorted(hf_given))
+        raise ConfigError(f"{flags}: options of a transformers --model (hf:ORG/NAME or a folder), not of medvlm stages.")
+    if not args.config:
+        raise ConfigError("give --config PRESET_OR_YAML (or --model hf:ORG/NAME to train a transformers model).")
     stage_cls = stage_config_class(args.stage)
     model = collect_nested(args, MedVLMConfig, "model") if args.stage != "clip" else {}
-    stage, cfg = build_stage(args.stage, data, collect(args, TrainConfig, simple_fields(TrainConfig)),
-                             collect(args, stage_cls, simple_fields(stage_cls)), model)
+    return build_stage(args.stage, data, train_overrides, collect(args, stage_cls, simple_fields(stage_cls)), model)
+
+
+def run_train(args) -> int:
+    stage, cfg = _stage_from_args(args)
     final = train(stage, cfg, resume=not args.no_resume)
     print(f"trained {args.stage}: model in {final}; metrics in {Path(cfg.out) / 'metrics.csv'}, plot {Path(cfg.out) / 'loss.png'}")
     return 0

@@ -268,21 +268,30 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def process_device(requested: str) -> torch.device:
+    """The device this process trains on: under torchrun its LOCAL_RANK's GPU (or the CPU), else
+    `requested` (auto: cuda when there is one). A stage that must place its model itself while
+    loading it (a 4-bit model is quantized onto its device) asks this."""
+    cuda = torch.cuda.is_available() and not requested.startswith("cpu")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
+    if requested == "auto":
+        return torch.device("cuda" if cuda else "cpu")
+    return torch.device(requested)
+
+
 def _distributed_setup(requested: str) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available() and not requested.startswith("cpu")
+    device = process_device(requested)
     if world > 1:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if cuda else "gloo")
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if cuda:
-            torch.cuda.set_device(local)
-        return dist.get_rank(), world, torch.device(f"cuda:{local}" if cuda else "cpu")
-    if requested == "auto":
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    return 0, 1, torch.device(requested)
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return dist.get_rank(), world, device
+    return 0, 1, device
 
 
 def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:

@@ -46,7 +46,7 @@ def load_language_model(cfg: LanguageConfig, device: str | torch.device = "cpu")
     if quant is None:
         model.to(device)
     if cfg.quantization == "4bit":
-        _disable_cpu_weight_repacking(model)
+        disable_cpu_weight_repacking(model)
     model.eval().requires_grad_(False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -68,7 +68,7 @@ def quantization_config(cfg: LanguageConfig):
     )
 
 
-def _disable_cpu_weight_repacking(model: nn.Module) -> None:
+def disable_cpu_weight_repacking(model: nn.Module) -> None:
     # On CPUs with AVX512-BF16, bitsandbytes repacks a Linear4bit weight into a layout that has no
     # backward after the first no-grad forward (e.g. generate); LoRA gradients then silently become
     # None. Turning the fast path off keeps the weights trainable at all times.

@@ -134,16 +134,16 @@ PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 
 def model_kind(reference: str) -> str:
-    """"openai" for `openai:BASE_URL#MODEL`, "transformers" for `hf:ORG/NAME` or a folder holding a
-    transformers model and its processor, "medvlm" otherwise (demo, checkpoint folders). Decided by
-    the reference's scheme or the folder's files, never by words in a name."""
+    """"openai" for `openai:BASE_URL#MODEL`, "transformers" for `hf:ORG/NAME`, a folder holding a
+    transformers model and its processor or a LoRA run on one, "medvlm" otherwise (demo, checkpoint
+    folders). Decided by the reference's scheme or the folder's files, never by words in a name."""
     ref = (reference or "").strip()
     if ref.startswith("openai:"):
         return "openai"
     if ref.startswith("hf:"):
         return "transformers"
     path = Path(ref).expanduser()
-    if path.is_dir() and is_transformers_folder(path):
+    if path.is_dir() and (is_transformers_folder(path) or is_lora_run_folder(path)):
         return "transformers"
     return "medvlm"
 
@@ -158,6 +158,23 @@ def is_transformers_folder(path: Path) -> bool:
     try:
         return "model_type" in json.loads(config.read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        return False
+
+
+LORA_RUN_KIND = "transformers-lora"
+
+
+def is_lora_run_folder(path: Path) -> bool:
+    """A LoRA run on a transformers model (vlm/hf_lora.py): peft's adapter_config.json beside a config.json
+    whose `medvlm_kind` says so (it has no `model_type`, so it is never taken for the model itself)."""
+    import json
+
+    config = path / "config.json"
+    if not config.is_file() or not (path / "adapter_config.json").is_file():
+        return False
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("medvlm_kind") == LORA_RUN_KIND
+    except (OSError, ValueError, AttributeError):
         return False
 
 
