@@ -300,16 +300,17 @@ def test_model_run_final_works_in_chat_and_eval(trained, tmp_path, capsys):
     assert main(["chat", "What does this show?", "--image", str(image_path), "--model", final,
                  "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out.strip() == expected and expected
-    lines = [json.dumps({"id": f"q{k}", "image": str(r.images[0]), "question": "What does this show?",
+    records = [json.dumps({"id": f"q{k}", "image": str(r.images[0]), "question": "What does this show?",
                          "answer": "yes", "answer_type": "closed"}) for k, r in enumerate(trained["records"][:3])]
-    (tmp_path / "vqa.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "vqa.jsonl").write_text("\n".join(records) + "\n")
     task = load_task("vqa-jsonl", tmp_path / "vqa.jsonl")
     results = evaluate(assistant, task, tmp_path / "eval", batch_size=2, max_new_tokens=8, bootstrap=0,
                        model_ref=final, progress=False)
     info = results["model_info"]
     assert info["revision"] == folder_digest(final)  # the adapter's digest
     assert info["base_model"] == str(trained["base"]) and info["base_revision"] == folder_digest(trained["base"])
-    predicted = [json.loads(line)["prediction"] for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()
+    predicted = [json.loads(line)["prediction"] for line in lines]
     plain = trained["stage"].model
     processor = trained["stage"].encoder.processor
     assert predicted == [_greedy(plain, processor, Image.open(r.images[0]).convert("RGB"),
@@ -327,8 +328,9 @@ def test_a_run_whose_base_changed_is_refused(trained, tmp_path):
 
 # ---- recipes and options ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("recipe, base, quantization, r", [("medgemma-4b-qlora", "hf:google/medgemma-4b-it", "4bit", 16),
-                                                          ("qwen2.5-vl-7b-qlora", "hf:Qwen/Qwen2.5-VL-7B-Instruct", "4bit", 64)])
+@pytest.mark.parametrize("recipe, base, quantization, r", [
+    ("medgemma-4b-qlora", "hf:google/medgemma-4b-it", "4bit", 16),
+    ("qwen2.5-vl-7b-qlora", "hf:Qwen/Qwen2.5-VL-7B-Instruct", "4bit", 64)])
 def test_the_presets_are_qlora_recipes_for_their_base(recipe, base, quantization, r):
     stage, cfg = build_hf_stage(load_config_file(recipe), {}, {"train_data": "conv.json"})
     assert (stage.cfg.model, stage.cfg.quantization, stage.lora.r, cfg.precision) == (base, quantization, r, "bf16")
