@@ -14,15 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from train.data import ConversationRecord, load_conversations
 from train.hf_labels import ConversationEncoder
-from train.loop import process_device, to_device
-from train.stage import StepStats
+from train.loop import process_device
+from train.stage import StepStats, lr_groups, validation_loss
 from vlm.errors import ConfigError
 from vlm.hf_lora import LANGUAGE_TARGETS, LoraSettings, RunConfig, attach_lora, base_revision, load_adapter_weights
-from vlm.hf_lora import load_base, read_run, write_run
+from vlm.hf_lora import default_dtype, eos_ids, load_base, read_run, write_run
 from vlm.imaging import load_image
 
 
@@ -88,24 +87,20 @@ class HFInstructStage:
     def build_model(self):
         cfg = self.cfg
         device = process_device(self.device)
-        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+        dtype = cfg.dtype if cfg.dtype != "auto" else default_dtype(device)
         model, processor, source = load_base(cfg.model, dtype=dtype, quantization=cfg.quantization,
                                              device_map={"": str(device)}, revision=cfg.revision or None,
                                              trust_remote_code=cfg.trust_remote_code)
         base = cfg.model if source.kind == "hub" else source.location  # a folder by its absolute path
         self.run = RunConfig(base, base_revision(model, source), cfg.quantization, dtype, self.lora)
-        self.encoder = ConversationEncoder(processor, _stop_ids(model))
+        self.encoder = ConversationEncoder(processor, eos_ids(model, processor.tokenizer))
         self.model = attach_lora(prepare_for_training(model, cfg), self.lora)
         return self.model
 
     def param_groups(self, model) -> list[dict]:
         """The vision tower's trained weights at `vision_lr_scale` of the lr, the rest at the full lr."""
         vision = model.get_base_model().get_encoder(modality="image")
-        in_vision = {id(p) for p in vision.parameters()}
-        trained = [p for p in model.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in trained if id(p) not in in_vision], "lr_scale": 1.0},
-                  {"params": [p for p in trained if id(p) in in_vision], "lr_scale": self.cfg.vision_lr_scale}]
-        return [g for g in groups if g["params"]]
+        return lr_groups(model, vision, self.cfg.vision_lr_scale)
 
     # -- data ------------------------------------------------------------------------------------
     def datasets(self):
@@ -134,17 +129,8 @@ class HFInstructStage:
         out = model(**batch)
         return StepStats(out.loss, samples=batch["input_ids"].shape[0], tokens=int(batch["attention_mask"].sum()))
 
-    @torch.no_grad()
     def evaluate(self, model, val_set) -> dict[str, float]:
-        if not val_set:
-            return {}
-        model.eval()
-        losses = []
-        for start in range(0, min(len(val_set), self.cfg.val_batches * self.train_batch), self.train_batch):
-            batch = to_device(self.collate(val_set[start: start + self.train_batch]), model.device)
-            losses.append(float(self.step(model, batch).loss))
-        model.train()
-        return {"val_loss": sum(losses) / len(losses)}
+        return validation_loss(self, model, val_set, self.train_batch, self.cfg.val_batches)
 
     def save(self, model, folder: Path) -> None:
         write_run(folder, model, self.run)
@@ -175,9 +161,3 @@ def prepare_for_training(model, cfg: HFInstructConfig):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
-
-def _stop_ids(model) -> set[int]:
-    """The token ids that end a reply when the model generates (generation_config.eos_token_id)."""
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    ids = configured if isinstance(configured, (list, tuple)) else [configured]
-    return {i for i in ids if i is not None}

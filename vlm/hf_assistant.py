@@ -20,9 +20,9 @@ from typing import Callable, Iterator
 import torch
 
 from vlm.assistant import Assistant, Capabilities
-from vlm.errors import ConfigError, ModelSourceError
+from vlm.errors import ConfigError
 from vlm.generation import GenerationConfig, RepetitionGuard, check_room, cut_at_stop_string, text_deltas
-from vlm.hf_lora import DTYPES, QUANTIZATIONS, load_failure, load_run, quantization_config
+from vlm.hf_lora import default_dtype, eos_ids, load_base, load_run
 from vlm.prompts import prompt_style
 from vlm.sources import Source
 
@@ -53,9 +53,7 @@ class TransformersAssistant(Assistant):
         device_map: e.g. "auto" to spread a large model over the GPUs (default: all on `device`).
         A LoRA run folder (vlm/hf_lora.py) loads its base as trained, unless dtype or quantization is
         given, with the adapter on it."""
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        from vlm.sources import is_lora_run_folder, resolve_transformers
+        from vlm.sources import is_lora_run_folder
 
         if is_lora_run_folder(Path(reference)):
             if revision:
@@ -67,20 +65,10 @@ class TransformersAssistant(Assistant):
                         "source": Source("local", str(Path(reference).resolve()), reference=reference),
                         "base_model": run.base_model, "base_revision": run.base_revision}
             return cls(model, processor, reference, prompt_style, settings)
-        source = resolve_transformers(reference)
-        dtype = dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
-        if dtype not in DTYPES or (quantization or "none") not in QUANTIZATIONS:
-            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)} and quantization one of "
-                              f"{', '.join(QUANTIZATIONS)}; got {dtype!r}, {quantization!r}.")
-        load = {"revision": revision, "trust_remote_code": trust_remote_code}
-        kwargs = {**load, "dtype": DTYPES[dtype], "device_map": device_map or {"": str(device)}}
-        if quantization not in (None, "none"):
-            kwargs["quantization_config"] = quantization_config(quantization, DTYPES[dtype])
-        try:
-            processor = AutoProcessor.from_pretrained(source.location, **load)
-            model = AutoModelForImageTextToText.from_pretrained(source.location, **kwargs)
-        except OSError as e:  # not on disk, not reachable on the hub: one line, no traceback
-            raise ModelSourceError(load_failure(source, e)) from None
+        dtype = dtype or default_dtype(device)
+        model, processor, source = load_base(reference, dtype=dtype, quantization=quantization or "none",
+                                             device_map=device_map or {"": str(device)}, revision=revision,
+                                             trust_remote_code=trust_remote_code, language_only=False)
         settings = {"dtype": dtype, "quantization": quantization or "none", "device_map": device_map,
                     "revision": revision, "trust_remote_code": trust_remote_code, "source": source}
         return cls(model, processor, reference, prompt_style, settings)
@@ -180,7 +168,7 @@ class TransformersStream:
         tokenizer = self.assistant.tokenizer
         decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         try:
-            yield from text_deltas(_until_done(tokens), _eos_ids(self.assistant.model, tokenizer), decode,
+            yield from text_deltas(_until_done(tokens), eos_ids(self.assistant.model, tokenizer), decode,
                                    self.gen.stop, self)
         finally:
             self._stopped.set()  # a reader that left early, or a stop string: generate stops at the next step
@@ -249,9 +237,3 @@ class _StopWhen:
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         replies = self.tokenizer.batch_decode(input_ids[:, self.prompt:], skip_special_tokens=True)
         return torch.tensor([cut_at_stop_string(r, self.stops)[1] for r in replies], device=input_ids.device)
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    ids = set(configured) if isinstance(configured, (list, tuple)) else {configured}
-    return {i for i in ids | {tokenizer.eos_token_id} if i is not None}

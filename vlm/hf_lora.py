@@ -198,9 +198,10 @@ def beside_language(location: str, **load) -> tuple[str, ...]:
 
 
 def load_base(reference: str, *, dtype: str, quantization: str = "none", device_map=None, revision: str | None = None,
-              trust_remote_code: bool = False):
+              trust_remote_code: bool = False, language_only: bool = True):
     """(model, processor, source) of the transformers model `reference` names (hf:ORG/NAME or a
-    folder), in `dtype`; with quantization its language model alone is 4- or 8-bit (beside_language)."""
+    folder), in `dtype`; with quantization its language model alone is 4- or 8-bit (beside_language),
+    or, with `language_only=False` (inference), every linear layer but transformers' default exceptions."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     if dtype not in DTYPES or quantization not in QUANTIZATIONS:
@@ -214,13 +215,25 @@ def load_base(reference: str, *, dtype: str, quantization: str = "none", device_
     kwargs = {**load, "dtype": DTYPES[dtype], "device_map": device_map or {"": "cpu"}}
     try:
         if quantization != "none":
-            skip = beside_language(source.location, **load)
+            skip = beside_language(source.location, **load) if language_only else None
             kwargs["quantization_config"] = quantization_config(quantization, DTYPES[dtype], skip)
         processor = AutoProcessor.from_pretrained(source.location, **load)
         model = AutoModelForImageTextToText.from_pretrained(source.location, **kwargs)
     except OSError as e:  # not on disk, not reachable on the hub: one line, no traceback
         raise ModelSourceError(load_failure(source, e)) from None
     return model, processor, source
+
+
+def default_dtype(device) -> str:
+    """bfloat16 on a GPU, float32 on the CPU (where bf16 matmuls are slow and fp16 is never used)."""
+    return "bfloat16" if str(device).startswith("cuda") else "float32"
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    """The token ids that end a reply: the generation config's eos_token_id(s) and the tokenizer's EOS."""
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids = set(configured) if isinstance(configured, (list, tuple)) else {configured}
+    return {i for i in ids | {tokenizer.eos_token_id} if i is not None}
 
 
 def base_revision(model, source: Source) -> str | None:
