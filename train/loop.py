@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from train import state as saved
 from train.logs import MetricsLog
-from train.stage import Stage
+from train.stage import Stage, to_device
 from vlm.errors import ConfigError
 
 
@@ -262,10 +262,6 @@ def peak_memory_mib(device: torch.device) -> float:
 
 def use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def process_device(requested: str) -> torch.device:

@@ -7,11 +7,9 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from train.data import ConversationRecord, load_conversations, load_pairs
-from train.loop import to_device
-from train.stage import StepStats
+from train.stage import StepStats, lr_groups, validation_loss
 from vlm.config import MedVLMConfig, VisionConfig
 from vlm.errors import ConfigError
 from vlm.imaging import load_image
@@ -107,11 +105,7 @@ class VLMStage:
         """The optimizer's parameter groups: the vision tower's at `vision_lr_scale` of the lr."""
         if not 0 < self.cfg.vision_lr_scale <= 1:
             raise ConfigError(f"vision_lr_scale must be in (0, 1], got {self.cfg.vision_lr_scale}.")
-        vision = {id(p) for p in model.vision.parameters()}
-        trained = [p for p in model.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in trained if id(p) not in vision], "lr_scale": 1.0},
-                  {"params": [p for p in trained if id(p) in vision], "lr_scale": self.cfg.vision_lr_scale}]
-        return [g for g in groups if g["params"]]
+        return lr_groups(model, model.vision, self.cfg.vision_lr_scale)
 
     # -- data ------------------------------------------------------------------------------------
     def datasets(self):
@@ -147,18 +141,8 @@ class VLMStage:
                     pixel_values=batch["pixel_values"], labels=batch["labels"])
         return StepStats(out.loss, samples=batch["input_ids"].shape[0], tokens=int(batch["attention_mask"].sum()))
 
-    @torch.no_grad()
     def evaluate(self, model, val_set) -> dict[str, float]:
-        if not val_set:
-            return {}
-        model.eval()
-        losses = []
-        for start in range(0, min(len(val_set), self.cfg.val_batches * self.train_batch), self.train_batch):
-            batch = self.collate(val_set[start: start + self.train_batch])
-            batch = to_device(batch, model.device)
-            losses.append(float(self.step(model, batch).loss))
-        model.train()
-        return {"val_loss": sum(losses) / len(losses)}
+        return validation_loss(self, model, val_set, self.train_batch, self.cfg.val_batches)
 
     def save(self, model, folder: Path) -> None:
         model.save_pretrained(folder)
