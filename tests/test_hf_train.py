@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from eval.run import evaluate
 from eval.tasks import load_task
 from tests.hf_fixtures import tiny_vlm_folder
+from tests.serve_fixtures import free_port
 from tests.train_fixtures import write_conversations
 from train import state as saved
 from train.cli import build_hf_stage, load_config_file
@@ -360,7 +361,7 @@ def test_qlora_runs_data_parallel_under_torchrun_with_the_same_command(conversat
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "--master_port", "29541", "-m", "vlm.cli", "train", "instruct",
+        [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "vlm.cli", "train", "instruct",
          "--model", str(base), "--quantization", "4bit", "--train-data", str(conversations), "--out", str(out),
          "--steps", "2", "--batch-size", "2", "--device", "cpu"],
         capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).resolve().parents[1])

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.serve_fixtures import free_port
 from tests.train_fixtures import pretrain_llm_on_captions, write_config, write_conversations, write_pairs
 from train import state as saved
 from train.loop import TrainConfig, lr_factor
@@ -318,7 +319,7 @@ def test_data_parallel_under_torchrun_uses_the_same_command(data, tiny_llm_dir, 
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "-m", "vlm.cli", "train", "instruct",
+        [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "vlm.cli", "train", "instruct",
          "--config", str(config), "--train-data", str(data["instruct"]), "--out", str(out), "--device", "cpu"],
         capture_output=True, text=True, timeout=600, env=env, cwd=PROJECT,
     )
