@@ -117,7 +117,7 @@ def test_instruct_data_command_writes_both_parts_and_their_union(tmp_path, capsy
     # image-disjoint: no VQA-RAD image is in both the train and the val conversations
     images = [{r["image"] for r in json.loads((tmp_path / f"vqa_rad_{s}.json").read_text())} for s in ("train", "val")]
     assert not images[0] & images[1]
-    assert "train: 475 VQA-RAD (x2) + 233 grounding + 467 NIH report (x2)" in capsys.readouterr().out
+    assert "train: 475 VQA-RAD (x2) + 233 grounding + 0 slice grounding + 467 NIH report (x2)" in capsys.readouterr().out
     assert main(["train", "instruct-data", "--nih", str(NIH), "--vqa-rad", str(NIH.parent / "vqa_rad"),
                  "--out", str(tmp_path), "--vqa-rad-repeats", "0"]) != 0
     assert main(["train", "instruct-data", "--nih", str(NIH), "--vqa-rad", str(NIH.parent / "vqa_rad"),

@@ -10,7 +10,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from vlm.datasets import finding_words, label_rows, vqa_rad_image_bucket, vqa_rad_records
+from vlm.datasets import DataError, finding_words, label_rows, vqa_rad_image_bucket, vqa_rad_records
 
 ORGANS = {"HEAD": "head", "CHEST": "chest", "ABD": "abdomen"}
 MODALITY_WORDS = [  # (regex over a lowercased question or answer, modality); MRI first: "mr flair"
@@ -82,9 +82,11 @@ def _modality(question: str, answer: str, kind: str | None = "MODALITY") -> str 
 
 
 
-def write_clip_data(nih: str | Path, vqa_rad: str | Path, out: str | Path) -> dict[str, int]:
+def write_clip_data(nih: str | Path, vqa_rad: str | Path, out: str | Path, slices: str | Path | None = None
+                    ) -> dict[str, int]:
     """The contrastive pretraining set: NIH train-split finding captions plus VQA-RAD images of the
     `train` bucket (never the val or held-out images, so image-disjoint evaluation stays honest)
+    and, with `slices` (a `train slice-data` folder), its training slices' captions
     -> OUT/train.jsonl; NIH val-split captions -> OUT/val.jsonl. Returns the counts."""
 
     nih, vqa_rad, out = Path(nih), Path(vqa_rad), Path(out)
@@ -95,6 +97,12 @@ def write_clip_data(nih: str | Path, vqa_rad: str | Path, out: str | Path) -> di
     exclude = tuple(n for n in names if vqa_rad_image_bucket(n) != "train")
     counts["vqa_rad_train"] = write_vqa_rad_captions(trainset, out / "vqa_rad_train.jsonl", exclude=exclude)
     lines = (out / "nih_train.jsonl").read_text() + (out / "vqa_rad_train.jsonl").read_text()
+    if slices:
+        extra = Path(slices) / "clip_train.jsonl"
+        if not extra.is_file():
+            raise DataError(f"--slices {slices}: no clip_train.jsonl (write it with `medvlm train slice-data`).")
+        counts["slices_train"] = len(extra.read_text().splitlines())
+        lines += extra.read_text()
     (out / "train.jsonl").write_text(lines)
     counts["train"] = len(lines.splitlines())
     return counts

@@ -23,6 +23,7 @@ from vlm.datasets import vqa_rad_image_bucket, vqa_rad_records
 
 MODALITIES = {"CT": "a CT", "MRI": "an MRI", "x-ray": "an x-ray"}  # name (the answer) -> with article
 ORGANS = {"head": ("head", "brain"), "chest": ("chest",), "abdomen": ("abdomen",)}  # -> the words asked
+WINDOWS = ("brain", "soft tissue", "bone")  # CT windows (train/volumes.py cuts slices in each)
 PLANES = {"axial": "an axial", "coronal": "a coronal", "sagittal": "a sagittal", "PA": "a PA", "AP": "an AP"}
 PLANE_WORDS = [(r"\b(axial|transverse)\b", "axial"), (r"\bcoronal\b", "coronal"), (r"\bsagg?ittal\b", "sagittal"),
                (r"\b(pa|posteroanterior|posterior anterior|posterior-anterior)\b", "PA"),
@@ -32,9 +33,11 @@ YES_NO = {
     "modality": ["Is this {a}?", "Is this {a} image?", "Was this image taken with {name}?"],
     "organ": ["Is this an image of the {name}?", "Is this a study of the {name}?", "Does this image show the {name}?"],
     "plane": ["Is this {a} image?", "Is this {a} view?", "Is this image in the {name} plane?"],
+    "window": ["Is this shown in {a}?", "Is this CT displayed in {a}?", "Is this {name} window?"],
 }
-CHOICES = {"modality": list(MODALITIES), "organ": list(ORGANS), "plane": list(PLANES)}
-EITHER_OR = {"modality": "Is this {a} or {b}?", "plane": "Is this {a} or {b} image?"}
+CHOICES = {"modality": list(MODALITIES), "organ": list(ORGANS), "plane": list(PLANES), "window": list(WINDOWS)}
+EITHER_OR = {"modality": "Is this {a} or {b}?", "plane": "Is this {a} or {b} image?",
+             "window": "Is this CT in {a} or {b}?"}
 # Open questions name the attribute in the answer. VQA-RAD's train bucket has only a handful of open
 # modality questions, and the mixed instruct run of docs/demo-model-history.md ("Tried and not shipped") answered
 # the held-out CT's "What imaging modality is this?" with "X-ray" while it said "CT" to three other
@@ -47,6 +50,7 @@ OPEN = {
                  "How was this image taken?"],
     "organ": ["What part of the body is this?", "Which organ system is shown?", "What is being imaged?"],
     "plane": ["In what plane is this image?", "What plane is this image in?", "Which plane is shown?"],
+    "window": ["What CT window is this?", "Which window is this CT shown in?"],
 }
 
 
@@ -121,6 +125,8 @@ def grounding_conversations(trainset_json: str | Path, buckets: tuple[str, ...] 
 
 
 def _with_article(key: str, value: str) -> str:
+    if key == "window":
+        return f"a {value} window"
     return MODALITIES[value] if key == "modality" else PLANES[value] if key == "plane" else f"the {value}"
 
 
