@@ -19,7 +19,7 @@ def write_carved_split(source: Path, out: Path, count: int, seed: int = 0) -> di
     (docs/demo-model-history.md). Patients are drawn by the SHA-1 of `seed:patient_id`, so the draw depends on
     neither row order nor Python's hash; all images of a drawn patient move together. Returns the
     image count per split."""
-    labels, images = source / "labels.csv", source / "images"
+    labels = source / "labels.csv"
     rows, columns = read_labels(labels)
     if not {"image", "split", "patient_id"} <= set(columns):
         raise InputError(f"{labels}: needs columns image, split, patient_id to carve by patient.")
@@ -28,25 +28,38 @@ def write_carved_split(source: Path, out: Path, count: int, seed: int = 0) -> di
     if not 0 < count < len(train_patients):
         raise InputError(f"--carve-val must be between 1 and {len(train_patients) - 1} "
                          f"(the train patients of {labels}), got {count}.")
+    check_copy_target(source, out)
+    carved = set(train_patients[:count])
+    for r in rows:
+        if r["split"] == "train" and r["patient_id"] in carved:
+            r["split"] = "val"
+    write_labels_copy(source, out, rows, columns)
+    return {split: sum(r["split"] == split for r in rows) for split in ("train", "val", "test")}
+
+
+def check_copy_target(source: Path, out: Path) -> None:
+    """Refuse an `out` that would not be a new copy of the NIH folder `source` (one line each)."""
+    images = source / "images"
     if not images.is_dir():
         raise InputError(f"{images} is not a folder of images.")
     if out.resolve() == source.resolve():
         raise InputError("--out must be a new folder, not the source folder: its labels would be overwritten.")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"{out} exists and is not an empty folder; choose a new folder.")
-    carved = set(train_patients[:count])
-    for r in rows:
-        if r["split"] == "train" and r["patient_id"] in carved:
-            r["split"] = "val"
+
+
+def write_labels_copy(source: Path, out: Path, rows: list[dict], columns: list[str]) -> None:
+    """`out`/labels.csv with `rows` (those `columns`, in order) and `out`/images linked to the source's
+    images (a link that is itself a link resolves to the real folder). Checks `out` first."""
+    check_copy_target(source, out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         with (out / "labels.csv").open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(rows)
-        (out / "images").symlink_to(images.resolve(), target_is_directory=True)
+        (out / "images").symlink_to((source / "images").resolve(), target_is_directory=True)
     except OSError as e:
         raise InputError(f"cannot write {out}: {e.strerror}") from e
-    return {split: sum(r["split"] == split for r in rows) for split in ("train", "val", "test")}
 
 

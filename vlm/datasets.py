@@ -27,6 +27,33 @@ VQA_RAD_BUCKETS = (("heldout", 0.15), ("val", 0.25), ("train", 1.0))
 
 NO_FINDING = "No Finding"
 
+# The NIH labels.csv columns that `medvlm train nih-tables` adds (train/nih_tables.py), read by eval's
+# `nih-findings --labels`: findings_v2020 (Data_Entry_2017_v2020, same format as findings), expert (the
+# Google 2019 expert labels, below) and boxes (one BBox_List_2017 label per box, '|'-separated).
+EXPERT_LABELS = ("Fracture", "Pneumothorax", "Airspace opacity", "Nodule or mass")
+"""The four findings the Google 2019 experts adjudicated, in their file's column order."""
+
+
+def format_expert(values: dict[str, bool]) -> str:
+    """The expert column of one image: every adjudicated finding as NAME=YES or NAME=NO, '|'-separated
+    in EXPERT_LABELS order ("Fracture=NO|Pneumothorax=YES|Airspace opacity=NO|Nodule or mass=NO"), so an
+    image the experts read and found none of the four in is told apart from one they never read ("")."""
+    return "|".join(f"{name}={'YES' if values[name] else 'NO'}" for name in EXPERT_LABELS)
+
+
+def parse_expert(text: str) -> dict[str, bool]:
+    """The inverse of format_expert: {finding: positive}, {} for an image without expert labels;
+    ValueError for anything else."""
+    if not text.strip():
+        return {}
+    values = {}
+    for part in text.split("|"):
+        name, _, value = part.partition("=")
+        if name not in EXPERT_LABELS or value not in ("YES", "NO") or name in values:
+            raise ValueError(f"not an expert label entry: {part!r} (want e.g. 'Pneumothorax=YES')")
+        values[name] = value == "YES"
+    return values
+
 
 def vqa_rad_image_bucket(image_name: str) -> str:
     """'heldout', 'val' or 'train': where a VQA-RAD image belongs, from the SHA-1 of its name
