@@ -65,7 +65,20 @@ def add_commands(sub) -> None:
     data.add_argument("--nih", required=True, help="the nih_cxr folder (labels.csv, images/)")
     data.add_argument("--vqa-rad", required=True, help="the vqa_rad folder (trainset.json, images/)")
     data.add_argument("--out", required=True, help="folder for train.jsonl and val.jsonl")
+    data.add_argument("--slices", help="a folder from `train slice-data`: its training slices' captions join train.jsonl")
     data.set_defaults(run=run_clip_data)
+    slices = stages.add_parser("slice-data", help="cut real public volumes (a head CT, a T1 head MRI) into labelled "
+                                                  "slices in three planes, with a held-out band for validation")
+    slices.add_argument("--invesalius", action="append", default=[], metavar="INV3",
+                        help="an InVesalius project, e.g. Debian invesalius-examples' Cranium.inv3 (repeatable)")
+    slices.add_argument("--nifti", action="append", default=[], metavar="FILE",
+                        help="a NIfTI T1 head MRI, e.g. Debian mricron-data's ch2.nii.gz (repeatable)")
+    slices.add_argument("--out", required=True, help="folder for images/, train.json, clip_train.jsonl, val.jsonl")
+    slices.add_argument("--step", type=int, default=2, help="use every STEP-th slice position (default 2)")
+    slices.add_argument("--augmentations", type=int, default=1,
+                        help="augmented copies of each training position (default 1); held-out slices are not augmented")
+    slices.add_argument("--seed", type=int, default=0, help="the augmentations' and questions' seed (default 0)")
+    slices.set_defaults(run=run_slice_data)
     add_export_command(sub)
     carve = stages.add_parser("nih-split", help="copy the NIH labels with some train patients moved to val "
                                                 "(a wider val split for choosing runs)")
@@ -97,6 +110,9 @@ def add_commands(sub) -> None:
     both.add_argument("--grounding-open", action="store_true",
                       help="add an open question per attribute to each grounding conversation (\"What imaging "
                            "modality is this?\" -> CT); off by default, as in the shipped model's recipe")
+    both.add_argument("--slices", help="a folder from `train slice-data`: its grounding conversations join train.json")
+    both.add_argument("--slice-repeats", type=int, default=1,
+                      help="copies of each slice grounding conversation in train.json (default 1)")
     both.add_argument("--bare-question-share", type=float, default=0.0,
                       help="share of the train VQA-RAD and grounding questions written without the \"Answer "
                            "briefly.\" suffix, as chat users type them (default 0, as for the shipped model)")
@@ -127,7 +143,10 @@ def run_instruct_data(args) -> int:
         raise ConfigError(f"--bare-question-share must be between 0 and 1, got {args.bare_question_share}.")
     if args.grounding_repeats < 0:
         raise ConfigError(f"--grounding-repeats must be 0 or more, got {args.grounding_repeats}.")
+    if args.slice_repeats < 1:
+        raise ConfigError(f"--slice-repeats must be at least 1, got {args.slice_repeats}.")
     out, trainset, labels = Path(args.out), Path(args.vqa_rad) / "trainset.json", Path(args.nih) / "labels.csv"
+    slice_grounding = read_slice_conversations(Path(args.slices)) if args.slices else []
     for split in ("train", "val"):
         vqa = vqa_rad_conversations(trainset, buckets=(split,))
         nih = nih_report_conversations(labels, split)
@@ -138,14 +157,16 @@ def run_instruct_data(args) -> int:
         grounding = grounding_conversations(trainset, buckets=(split,), repeats=args.grounding_repeats,
                                             open_questions=args.grounding_open) \
             if split == "train" else []
-        questions = _numbered_copies([vqa] * repeats) + grounding
+        slices = _numbered_copies([slice_grounding] * args.slice_repeats) if split == "train" else []
+        questions = _numbered_copies([vqa] * repeats) + grounding + slices
         if split == "train" and args.bare_question_share:
             questions = drop_brief_suffix(questions, args.bare_question_share)
         # report copy k draws its sentences with seed k: the same findings, worded afresh
         reports = _numbered_copies([nih] + [nih_report_conversations(labels, split, seed=k)
                                             for k in range(1, nih_repeats)])
         write_json_list(out / f"{split}.json", questions + reports)
-        print(f"{split}: {len(vqa)} VQA-RAD (x{repeats}) + {len(grounding)} grounding + {len(nih)} NIH report "
+        print(f"{split}: {len(vqa)} VQA-RAD (x{repeats}) + {len(grounding)} grounding + {len(slices)} slice grounding "
+              f"+ {len(nih)} NIH report "
               f"(x{nih_repeats}) conversations -> {out / f'{split}.json'}")
     return 0
 
@@ -164,10 +185,39 @@ def run_nih_split(args) -> int:
     return 0
 
 
+def read_slice_conversations(folder: Path) -> list[dict]:
+    """The grounding conversations of a `train slice-data` folder (its train.json)."""
+    import json
+
+    path = folder / "train.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--slices {folder}: no readable train.json from `medvlm train slice-data` "
+                          f"({type(e).__name__}).") from None
+
+
+def run_slice_data(args) -> int:
+    from train.volumes import read_invesalius, read_nifti, write_slice_data
+
+    if not args.invesalius and not args.nifti:
+        raise ConfigError("give at least one volume: --invesalius Cranium.inv3 and/or --nifti ch2.nii.gz.")
+    if args.step < 1 or args.augmentations < 1:
+        raise ConfigError("--step and --augmentations must be at least 1.")
+    volumes = [read_invesalius(p) for p in args.invesalius]
+    volumes += [read_nifti(p, name=f"mri-{Path(p).name.split('.')[0]}") for p in args.nifti]
+    names = [v.name for v in volumes]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"two volumes would share a name ({', '.join(names)}); give each file once.")
+    counts = write_slice_data(volumes, args.out, step=args.step, augmentations=args.augmentations, seed=args.seed)
+    print(", ".join(f"{k}: {v}" for k, v in counts.items()) + f" -> {args.out}")
+    return 0
+
+
 def run_clip_data(args) -> int:
     from train.captions import write_clip_data
 
-    counts = write_clip_data(args.nih, args.vqa_rad, args.out)
+    counts = write_clip_data(args.nih, args.vqa_rad, args.out, slices=args.slices)
     print(", ".join(f"{k}: {v}" for k, v in counts.items()) + f" -> {args.out}")
     return 0
 
