@@ -56,6 +56,11 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, required=True, help="the dataset's folder or file")
     p.add_argument("--split", default="test", help="split to use (default: test)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% intervals, 0 for none")
+    # Every task parser takes it so that other tasks refuse it in one line (eval.tasks.load_task).
+    p.add_argument("--labels", default=None, metavar="nih|v2020|expert",
+                   help="nih-findings only: the gold labels, the NIH labels (default), Data_Entry_2017_v2020's "
+                        "(findings_v2020) or the Google 2019 expert labels on the images they cover (expert); the "
+                        "last two need a folder from `medvlm train nih-tables`")
 
 
 def _add_task(tasks, name: str) -> None:
@@ -81,7 +86,7 @@ def run_eval(args) -> int:
     from eval.tasks import load_task
     from vlm.options import load_assistant_from_args
 
-    task = load_task(args.task, args.data, split=args.split, limit=args.limit)
+    task = load_task(args.task, args.data, split=args.split, limit=args.limit, labels=args.labels)
     assistant = load_assistant_from_args(args, concurrency=args.concurrency)
     try:
         results = evaluate(assistant, task, args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
@@ -99,7 +104,7 @@ def run_score(args) -> int:
     from eval.run import score_predictions
 
     results = score_predictions(args.task, args.predictions, args.data, split=args.split, out_dir=args.out,
-                                bootstrap=args.bootstrap)
+                                bootstrap=args.bootstrap, labels=args.labels)
     print(markdown(results))
     return 0
 

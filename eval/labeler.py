@@ -266,6 +266,21 @@ def nih_to_chexpert(finding_labels: str | Iterable[str]) -> dict[str, int | None
     return {**labels, "No Finding": int(not positive)}
 
 
+# Google 2019 expert label (vlm.datasets.EXPERT_LABELS) -> CheXpert observation.
+EXPERT_TO_CHEXPERT = {"Fracture": "Fracture", "Pneumothorax": "Pneumothorax", "Airspace opacity": "Lung Opacity",
+                      "Nodule or mass": "Lung Lesion"}
+
+
+def expert_to_chexpert(expert: dict[str, bool]) -> dict[str, int | None]:
+    """CheXpert-style labels from an image's expert labels ({"Pneumothorax": True, ...}, all four read):
+    1 / 0 on the four observations the experts adjudicated, None on the other ten, "No Finding" included
+    (four findings read say nothing about the rest of the image)."""
+    if set(expert) != set(EXPERT_TO_CHEXPERT):
+        raise ValueError(f"expert labels need all of {', '.join(EXPERT_TO_CHEXPERT)}, got {', '.join(expert) or 'none'}")
+    read = {EXPERT_TO_CHEXPERT[name]: int(positive) for name, positive in expert.items()}
+    return {o: read.get(o) for o in OBSERVATIONS}
+
+
 def _binary(label: int | None, uncertain_as_positive: bool) -> bool:
     return label == POSITIVE or (uncertain_as_positive and label == UNCERTAIN)
 

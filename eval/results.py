@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from eval.figures import write_plots
-from eval.tables import RULES, compare_table, markdown
+from eval.tables import compare_table, markdown, rules_for
 from eval.tasks import DataError
 
 
@@ -26,7 +26,7 @@ def compare(run_a: str | Path, run_b: str | Path) -> str:
 
 
 def write_results(out: Path, results: dict) -> None:
-    results["rules"] = RULES[results["kind"]]
+    results["rules"] = rules_for(results)
     results["plots"] = write_plots(out, results)
     (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
     (out / "results.md").write_text(markdown(results), encoding="utf-8")

@@ -21,9 +21,10 @@ from vlm.errors import ConfigError
 
 SETTINGS = "run_settings.json"
 DEFAULT_MAX_NEW_TOKENS = {"vqa": 16, "report": 160}
-# What must match for a rerun to reuse the predictions already in an output folder.
-_RESUME_KEYS = ("model", "backend", "model_revision", "task", "split", "source", "prompt_style", "prompt_template",
-                "system_prompt", "max_new_tokens")
+# What must match for a rerun to reuse the predictions already in an output folder. `labels` (nih-findings'
+# gold, recorded only when it is not the default NIH labels, so older run folders still resume) is among them.
+_RESUME_KEYS = ("model", "backend", "model_revision", "task", "split", "source", "labels", "prompt_style",
+                "prompt_template", "system_prompt", "max_new_tokens")
 
 
 def evaluate(assistant, task: Task, out_dir: str | Path, batch_size: int = 8, max_new_tokens: int | None = None,
@@ -47,6 +48,8 @@ def evaluate(assistant, task: Task, out_dir: str | Path, batch_size: int = 8, ma
                 "prompt_template": prompts.report if task.kind == "report" else prompts.vqa,
                 "system_prompt": described.get("system_prompt"),
                 "max_new_tokens": max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task.kind]}
+    if task.gold is not None:
+        settings = _with_labels(settings, task.gold["labels"])
     history = _check_settings(out / SETTINGS, settings)
     start = time.perf_counter()
     generated, seconds = generate_predictions(assistant, task, out / PREDICTIONS, batch_size, settings["max_new_tokens"],
@@ -68,6 +71,13 @@ def evaluate(assistant, task: Task, out_dir: str | Path, batch_size: int = 8, ma
                "backend_usage": assistant.usage(), "versions": package_versions()}
     write_results(out, results)
     return results
+
+
+def _with_labels(settings: dict, labels: str) -> dict:
+    """`settings` with the gold label choice after `source` (run_settings.json and results.json order)."""
+    keys = list(settings)
+    at = keys.index("source") + 1
+    return {**{k: settings[k] for k in keys[:at]}, "labels": labels, **{k: settings[k] for k in keys[at:]}}
 
 
 def _timing(history: list[dict], generated_now: int, seconds_now: float) -> dict:
@@ -99,14 +109,15 @@ def package_versions() -> dict[str, str | None]:
 
 
 def score_predictions(task_name: str, predictions_file: str | Path, data: str | Path, split: str = "test",
-                      out_dir: str | Path | None = None, bootstrap: int = 1000) -> dict:
-    """Score another system's answers on a task under the same rules; write results if `out_dir`."""
-    task = load_task(task_name, data, split)
+                      out_dir: str | Path | None = None, bootstrap: int = 1000, labels: str | None = None) -> dict:
+    """Score another system's answers on a task under the same rules; write results if `out_dir`.
+    `labels`: nih-findings' gold (eval.tasks.NIH_LABELS), as for `load_task`."""
+    task = load_task(task_name, data, split, labels=labels)
     answers = read_answer_file(predictions_file)
     known = {it.id for it in task.items}
     results = score(task, answers, bootstrap=bootstrap)
     results = {"model": f"predictions file {predictions_file}", "task": task.name, "split": task.split,
-               "source": task.source, **results}
+               "source": task.source, **({"labels": task.gold["labels"]} if task.gold else {}), **results}
     results["counts"]["unknown_ids"] = len(set(answers) - known)
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)

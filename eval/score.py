@@ -30,6 +30,8 @@ def score(task: Task, predictions: dict[str, str], bootstrap: int = 1000, blank:
     else:
         results = _score_vqa(task.items, predictions, bootstrap, blank)
     results["counts"].update(predicted=len(task.items) - missing, missing=missing)
+    if task.gold is not None:  # nih-findings scored against other labels than the NIH ones
+        results["gold_labels"] = dict(task.gold)
     return {"kind": task.kind, **results,
             "bootstrap": {"resamples": bootstrap, "level": 0.95, "method": "percentile", "seed": 0}}
 
@@ -141,8 +143,12 @@ def _score_reports(items: list[Item], predictions: dict[str, str], n_boot: int) 
     gold = [it.gold_labels if it.gold_labels is not None else label_report(it.answer) for it in items]
     # Label gold (NIH) says nothing about some observations; they are left out rather than scored as absent.
     observed = OBSERVATIONS if text_refs else [o for o in OBSERVATIONS if any(g.get(o) is not None for g in gold)]
+    # The same for the 5 conditions: all five for text and NIH gold, none for the expert labels (no ce5 then).
+    conditions = [o for o in CONDITIONS_5 if o in observed]
     efficacy = {}
-    for name, obs in (("ce", observed), ("ce5", CONDITIONS_5)):
+    for name, obs in (("ce", observed), ("ce5", conditions)):
+        if not obs:
+            continue
         for suffix, upos in (("", False), ("_upos", True)):
             block = clinical_efficacy(pred_labels, gold, obs, uncertain_as_positive=upos)
             efficacy[name + suffix] = {"observations": list(obs), "uncertain_as_positive": upos, **block}

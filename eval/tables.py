@@ -65,6 +65,31 @@ RULES = {
     },
 }
 
+# nih-findings --labels other than nih: what the gold is (results.md's line) and its rule, in place of nih_gold.
+GOLD_NAMES = {"v2020": "Data_Entry_2017_v2020 labels", "expert": "Google 2019 expert labels"}
+GOLD_RULES = {
+    "v2020": ("v2020_gold", "nih-findings --labels v2020: the gold is the Data_Entry_2017_v2020 ChestX-ray14 labels "
+                            "(labels.csv column findings_v2020, from the torchxrayvision 1.5.7 wheel) "
+                            + RULES["report"]["nih_gold"].split("ChestX-ray14 labels ", 1)[1]),
+    "expert": ("expert_gold", "nih-findings --labels expert: the gold is the Google 2019 expert-adjudicated labels "
+                              "(labels.csv column expert), on the images the experts read only, over the observations "
+                              "they cover only: Pneumothorax, Nodule or mass -> Lung Lesion, Airspace opacity -> Lung "
+                              "Opacity, Fracture; the other observations (No Finding included) are left out, so ce is "
+                              "over 4 observations and ce5 (none of whose conditions they cover) is not computed. The "
+                              "majority-class baseline and the shuffled-reports control are computed on the same "
+                              "images and observations. Text metrics are not computed."),
+}
+
+
+def rules_for(results: dict) -> dict:
+    """The rules of a results dict: RULES of its kind, with nih_gold replaced by the rule of other gold labels."""
+    rules = RULES[results["kind"]]
+    gold = results.get("gold_labels")
+    if not gold or gold["labels"] not in GOLD_RULES:
+        return rules
+    key, text = GOLD_RULES[gold["labels"]]
+    return {(key if k == "nih_gold" else k): (text if k == "nih_gold" else v) for k, v in rules.items()}
+
 
 def fmt(value, interval=None) -> str:
     if value is None:
@@ -89,6 +114,11 @@ def markdown(results: dict) -> str:
                      f"{counts['closed_other']} with named options) and {counts['open']} open.")
     else:
         lines.append(f"{counts['reports']} reports.")
+    gold = results.get("gold_labels")
+    if gold:
+        lines.append(f"Gold: the {GOLD_NAMES.get(gold['labels'], gold['labels'])} (labels.csv column `{gold['column']}`), "
+                     f"which cover {gold['covered']} of the split's {gold['split_images']} images; {gold['images']} "
+                     "scored.")
     lines.append(f"Predicted {counts['predicted']}, missing {counts['missing']}"
                  + (f", unknown ids {counts['unknown_ids']}" if "unknown_ids" in counts else "") + ".")
     if "decoding" in results:
@@ -114,7 +144,7 @@ def markdown(results: dict) -> str:
                      f"{shuffled['ce_micro_f1_mean']:.3f} / {shuffled['ce_micro_f1_p95']:.3f}; "
                      f"{shuffled['share_at_least_model']:.3f} | {counts['reports']} |")
     lines += _breakdown_tables(results) + _confusion_table(results) + _ablation_lines(results) + _timing_lines(results)
-    lines += ["", "## Rules", ""] + [f"- **{k}**: {v}" for k, v in results.get("rules", RULES[results["kind"]]).items()]
+    lines += ["", "## Rules", ""] + [f"- **{k}**: {v}" for k, v in (results.get("rules") or rules_for(results)).items()]
     return "\n".join(lines) + "\n"
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from eval.labeler import nih_to_chexpert
+from eval.labeler import expert_to_chexpert, nih_to_chexpert
 from eval.metrics import closed_options, normalize_answer
-from vlm.datasets import (DataError, VQARecord, check_split, image_path, need, pathvqa_records, pick_file,
-                          pmc_vqa_records, read_jsonl, read_labels, slake_records, vqa_rad_image_bucket, vqa_rad_records)
+from vlm.datasets import (DataError, VQARecord, check_split, image_path, need, parse_expert, pathvqa_records,
+                          pick_file, pmc_vqa_records, read_jsonl, read_labels, slake_records, vqa_rad_image_bucket,
+                          vqa_rad_records)
 from vlm.errors import ConfigError
 from vlm.prompts import REPORT_PROMPT
 
@@ -26,6 +27,12 @@ VQA_RAD_BUCKET_NOTE = ("Image bucket (VQA-RAD, by a hash of the image name): `tr
                        "(the test-disjoint split). On the standard test split every image also has training "
                        "questions, so `train` rows measure questions about images a recipe model has seen.")
 VQA_RAD_SPLITS = ("test", "test-disjoint", "val", "train", "train-all")
+# nih-findings --labels: which labels.csv column is the gold, and how it becomes CheXpert labels. nih and v2020
+# cover every image; expert only the images the Google 2019 experts read (`medvlm train nih-tables` writes
+# findings_v2020 and expert). The default, nih, is the only one that leaves results files as before.
+NIH_LABELS = {"nih": ("findings", nih_to_chexpert),
+              "v2020": ("findings_v2020", nih_to_chexpert),
+              "expert": ("expert", lambda text: expert_to_chexpert(parse_expert(text)))}
 
 
 @dataclass
@@ -53,26 +60,41 @@ class Task:
     split: str
     items: list[Item]
     source: str = ""
+    gold: dict | None = None
+    """nih-findings with --labels other than nih: {"labels", "column", "images" (scored), "covered" (images
+    of the split with these labels), "split_images"}, written into results."""
 
 
-def load_task(name: str, data: str | Path, split: str = "test", limit: int | None = None) -> Task:
-    """Load benchmark `name` from `data` (a folder or file, as the format needs)."""
+def load_task(name: str, data: str | Path, split: str = "test", limit: int | None = None,
+              labels: str | None = None) -> Task:
+    """Load benchmark `name` from `data` (a folder or file, as the format needs). `labels` picks the gold
+    of nih-findings (NIH_LABELS; None is "nih") and is refused for every other task."""
     loaders = {"vqa-rad": _vqa_rad, "slake": _slake, "pathvqa": _pathvqa, "pmc-vqa": _pmc_vqa,
                "vqa-jsonl": _vqa_jsonl, "report-jsonl": _report_jsonl, "nih-findings": _nih_findings}
     if name not in loaders:
         raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}.")
+    if labels is not None and name != "nih-findings":
+        raise ConfigError(f"--labels picks the gold labels of nih-findings; {name} has no such option.")
+    if labels is not None and labels not in NIH_LABELS:
+        raise ConfigError(f"--labels {labels}: unknown; choose one of {', '.join(NIH_LABELS)}.")
     data = Path(data).expanduser()
     if not data.exists():
         raise DataError(f"{name}: no data at {data} (give the dataset's folder or file with --data).")
-    items = loaders[name](data, split)
+    gold = None
+    if name == "nih-findings":
+        items, gold = _nih_findings(data, split, labels or "nih")
+    else:
+        items = loaders[name](data, split)
     if limit is not None:
         items = items[:limit]
+    if gold is not None:
+        gold["images"] = len(items)
     _check_images(name, items)
     ids = [it.id for it in items]
     if len(set(ids)) != len(ids):
         raise DataError(f"{name}: question ids are not unique in {data}.")
     kind = "report" if name in ("report-jsonl", "nih-findings") else "vqa"
-    return Task(name=name, kind=kind, split=split, items=items, source=str(data.resolve()))
+    return Task(name=name, kind=kind, split=split, items=items, source=str(data.resolve()), gold=gold)
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -161,12 +183,27 @@ def _report_jsonl(data: Path, split: str) -> list[Item]:
     return items
 
 
-def _nih_findings(data: Path, split: str) -> list[Item]:
+def _nih_findings(data: Path, split: str, labels: str = "nih") -> tuple[list[Item], dict | None]:
+    """The split's images with the `labels` gold (NIH_LABELS), and what that gold covers (None for nih)."""
     check_split("nih-findings", split, ("test", "val", "train"))
     path = need(data / "labels.csv" if data.is_dir() else data, "nih-findings")
-    rows = [r for r in read_labels(path)[0] if r.get("split") == split]
+    column, to_chexpert = NIH_LABELS[labels]
+    table, columns = read_labels(path)
+    if labels != "nih" and column not in columns:
+        raise DataError(f"nih-findings --labels {labels}: {path} has no {column} column; write a copy that has it "
+                        f"with `medvlm train nih-tables --wheel WHEEL --nih {data} --out NEW_FOLDER`.")
+    rows = [r for r in table if r.get("split") == split]
+    covered = [r for r in rows if labels != "expert" or r[column].strip()]
+    if rows and not covered:  # only expert labels leave images out
+        by_split = {s: sum(bool(r[column].strip()) for r in table if r.get("split") == s)
+                    for s in ("train", "val", "test")}
+        raise DataError(f"nih-findings --labels {labels}: none of the {len(rows)} {split} images of {path} has "
+                        f"{column} labels (images with them: " + ", ".join(f"{s} {n}" for s, n in by_split.items()) + ").")
     try:
-        return [Item(r["image"], path.parent / "images" / r["image"], REPORT_PROMPT, r["findings"], "report",
-                     r.get("view") or "report", gold_labels=nih_to_chexpert(r["findings"])) for r in rows]
+        items = [Item(r["image"], path.parent / "images" / r["image"], REPORT_PROMPT, r[column], "report",
+                      r.get("view") or "report", gold_labels=to_chexpert(r[column])) for r in covered]
     except (KeyError, ValueError) as e:
         raise DataError(f"nih-findings: {path} has an unexpected row ({e}).") from None
+    gold = None if labels == "nih" else {"labels": labels, "column": column, "images": len(items),
+                                         "covered": len(covered), "split_images": len(rows)}
+    return items, gold
