@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from train.grounding import grounding_turns
 from train.volumes import (HELDOUT_BAND, PLANES, Volume, anatomy_positions, cut, read_invesalius, read_nifti,
@@ -116,6 +117,7 @@ def test_slice_data_files_feed_instruct_clip_and_eval(tmp_path):
     assert main(["train", "slice-data", "--invesalius", str(inv3), "--out", str(out), "--step", "1",
                  "--augmentations", "2"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())["counts"]
+    assert Image.open(out / "contact_sheet.png").size[1] == 160  # one row: the one volume
     conversations = json.loads((out / "train.json").read_text())
     assert manifest["train_images"] == len(conversations) > 0
     assert all(Path(c["image"]).is_file() for c in conversations)

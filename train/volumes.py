@@ -223,7 +223,8 @@ def write_slice_data(volumes: list[Volume], out: str | Path, step: int = 2, augm
     - OUT/clip_train.jsonl: a caption per training image, for `medvlm train clip-data --slices OUT`;
     - OUT/val.jsonl: closed questions per held-out image (modality, region, plane, window) and an open
       modality question, for `medvlm eval vqa-jsonl --data OUT --split val`;
-    - OUT/manifest.json: what was written from which file.
+    - OUT/contact_sheet.png: the middle slice of every source, plane and window, to check orientation by eye;
+    - OUT/manifest.json: what was written.
     Each training position is written `augmentations` times (a CT position in a window drawn per copy),
     each held-out position once per window, unaugmented. Returns the counts."""
     from tqdm import tqdm
@@ -255,6 +256,7 @@ def write_slice_data(volumes: list[Volume], out: str | Path, step: int = 2, augm
                 questions += val_questions(f"images/{name}", attributes_of(volume, plane, window))
         counts[f"{volume.name} {plane}"] = len(split["train"]) * augmentations
         counts[f"{volume.name} {plane} val"] = len(split["val"]) * len(windows)
+    contact_sheet(volumes).save(out / "contact_sheet.png")
     write_json_list(out / "train.json", conversations)
     (out / "clip_train.jsonl").write_text("".join(c + "\n" for c in captions))
     (out / "val.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
@@ -263,3 +265,16 @@ def write_slice_data(volumes: list[Volume], out: str | Path, step: int = 2, augm
                                                    "seed": seed, "heldout_band": HELDOUT_BAND, "gap": GAP}, indent=1))
     return counts
 
+
+def contact_sheet(volumes: list[Volume], side: int = 160) -> Image.Image:
+    """One row per volume: its middle slice in each plane (a CT in each window), as written."""
+    rows = [[render(v, plane, positions[len(positions) // 2], window)
+             for plane in PLANES for positions in [anatomy_positions(v, plane)]
+             for window in (list(CT_WINDOWS) if v.modality == "CT" else [None])] for v in volumes]
+    sheet = Image.new("L", (side * max(len(r) for r in rows), side * len(rows)))
+    for y, row in enumerate(rows):
+        for x, image in enumerate(row):
+            image = image.copy()
+            image.thumbnail((side - 4, side - 4))
+            sheet.paste(image, (x * side + (side - image.width) // 2, y * side + (side - image.height) // 2))
+    return sheet
