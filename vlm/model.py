@@ -15,17 +15,28 @@ from torch import nn
 
 from vlm import checkpoint
 from vlm.config import MedVLMConfig
-from vlm.errors import InputError
+from vlm.errors import CheckpointError, InputError
 from vlm.language import attach_lora, load_language_model
 from vlm.projector import Projector
 from vlm.processor import IGNORE_INDEX, Processor
 from vlm.vision import VisionTower, load_vision_tower
 
 
+def lora_merge_applies(config: MedVLMConfig, lora_trainable: bool) -> bool:
+    """Whether a load with merge_lora merges the saved adapter: only for inference (not
+    `lora_trainable`) and unquantized weights (merging into 8/4-bit weights would re-quantize them
+    and change the answers)."""
+    return not lora_trainable and config.language.quantization == "none"
+
+
 class MedVLM(nn.Module):
-    def __init__(self, config: MedVLMConfig, vision: VisionTower, projector: Projector, llm: nn.Module, tokenizer):
+    def __init__(self, config: MedVLMConfig, vision: VisionTower, projector: Projector, llm: nn.Module, tokenizer,
+                 lora_merged: bool = False):
         super().__init__()
         self.config = config
+        self.lora_merged = lora_merged
+        """The saved LoRA adapter was merged into the LLM's weights at load time (an inference-only
+        model: nothing to train or save; config.language.lora_r still says the adapter's rank)."""
         self.vision = vision
         self.projector = projector
         self.llm = llm
@@ -39,13 +50,20 @@ class MedVLM(nn.Module):
 
     @classmethod
     def build(cls, config: MedVLMConfig, device: str | torch.device = "cpu", adapter_dir: str | Path | None = None,
-              lora_trainable: bool = False) -> "MedVLM":
-        """Load the frozen bases named in `config`, a fresh projector, and LoRA (saved or fresh)."""
+              lora_trainable: bool = False, merge_lora: bool = False) -> "MedVLM":
+        """Load the frozen bases named in `config`, a fresh projector, and LoRA (saved or fresh).
+
+        `merge_lora` (inference loads): fold the saved adapter into the LLM's weights, so each
+        projection is one matmul instead of base + B @ A (docs/benchmarks.md, "LoRA merged or
+        separate"); see `lora_merge_applies` for when it happens."""
         config.validate()
         vision = load_vision_tower(config.vision)
         llm, tokenizer = load_language_model(config.language, device)
+        merged = False
         if adapter_dir is not None:
             llm = attach_lora(llm, config.language, adapter_dir=adapter_dir, trainable=lora_trainable)
+            if merge_lora and lora_merge_applies(config, lora_trainable):
+                llm, merged = llm.merge_and_unload(), True
         elif config.language.lora_r > 0:
             llm = attach_lora(llm, config.language)
         hidden = llm.get_input_embeddings().embedding_dim
@@ -53,19 +71,22 @@ class MedVLM(nn.Module):
         compute = torch.bfloat16 if config.language.dtype == "bfloat16" else torch.float32
         vision.to(device=device, dtype=compute)
         projector.to(device=device, dtype=compute)
-        return cls(config, vision, projector, llm, tokenizer).eval()
+        return cls(config, vision, projector, llm, tokenizer, lora_merged=merged).eval()
 
     @classmethod
     def from_pretrained(cls, reference: str, device: str | torch.device = "cpu", lora_trainable: bool = False,
-                        **language_overrides) -> "MedVLM":
-        """Load a checkpoint folder (a path or `demo`); `language_overrides` change e.g. quantization."""
+                        merge_lora: bool = False, **language_overrides) -> "MedVLM":
+        """Load a checkpoint folder (a path or `demo`); `language_overrides` change e.g. quantization.
+        Inference loaders pass `merge_lora=True` (see `build`); training keeps the adapter separate."""
         found = checkpoint.open_checkpoint(reference, **language_overrides)
-        model = cls.build(found.config, device=device, adapter_dir=found.adapter_dir, lora_trainable=lora_trainable)
+        model = cls.build(found.config, device=device, adapter_dir=found.adapter_dir, lora_trainable=lora_trainable,
+                          merge_lora=merge_lora)
         model.load_trained_parts(found.folder, adapter=False)  # build already loaded the adapter
         return model
 
     def save_pretrained(self, folder: str | Path, card: str | None = None) -> Path:
         """Write the config and trained parts to `folder` atomically (see vlm.checkpoint); return it."""
+        self._check_not_merged("saved")
         adapter = self.llm if hasattr(self.llm, "peft_config") else None
         return checkpoint.write_checkpoint(folder, self.config, self.trainable_state(), adapter=adapter, card=card)
 
@@ -73,7 +94,13 @@ class MedVLM(nn.Module):
         """Load a checkpoint's projector, vision tower and (with `adapter`) LoRA weights into this model."""
         checkpoint.load_parts(folder, self.config, self._part_modules())
         if adapter:
+            self._check_not_merged("given other LoRA weights")
             checkpoint.load_adapter_weights(self.llm, folder)
+
+    def _check_not_merged(self, what: str) -> None:
+        if self.lora_merged:
+            raise CheckpointError(f"this model's LoRA adapter was merged into the LLM for inference, so it cannot be "
+                                  f"{what}; load it with MedVLM.from_pretrained(..., merge_lora=False).")
 
     @property
     def device(self) -> torch.device:
