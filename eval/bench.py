@@ -1,5 +1,6 @@
 """`medvlm bench serving` and `medvlm bench eval`: speed measurements that compare variants in one
-process (`medvlm bench model`, one model per precision, lives in eval/bench_model.py).
+process (`medvlm bench model`, one model per precision, lives in eval/bench_model.py; `medvlm bench
+lora-merge`, the LoRA adapter separate vs merged at load time, in eval/bench_lora.py).
 
 - Follow-up turn vs first turn: time to first token of a second question about the same image
   with the conversation cache (image and first turn reused) against the same follow-up computed
@@ -230,6 +231,9 @@ def add_commands(sub) -> None:
                    help=f"with --random-llm: {', '.join(RANDOM_VISIONS)} (default: vit-b-16)")
     m.add_argument("--out", default="runs/bench/model.json")
     m.set_defaults(run=run_bench_model)
+    from eval.bench_lora import add_command as add_lora_merge
+
+    add_lora_merge(kinds)
 
 
 def run_bench_eval(args) -> int:
