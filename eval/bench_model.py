@@ -344,7 +344,7 @@ def run_model_bench(model_ref: str | None, device: str, out: str, variants: list
                 return MedVLM.build(config.replace(language=overrides), device=device)
         else:
             def load(overrides):
-                return MedVLM.from_pretrained(model_ref, device=device, **overrides)
+                return MedVLM.from_pretrained(model_ref, device=device, merge_lora=True, **overrides)  # as inference loads
         for name in variants:
             results["variants"][name] = bench_variant(load, name, device, image, settings, bandwidth)
     write_results(results, out)

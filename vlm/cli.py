@@ -151,7 +151,8 @@ def run_info(args) -> int:
           f"from block {cfg.vision.feature_layer}, input {model.vision.image_size}px")
     print(f"projector    {cfg.projector.kind}, pool {cfg.projector.pool} -> {model.num_image_tokens} image tokens")
     print(f"language     {resolve(cfg.language.source).describe()}")
-    print(f"quantization {cfg.language.quantization}; dtype {cfg.language.dtype}; LoRA rank {cfg.language.lora_r}")
+    merged = " (merged into the LLM's weights for inference)" if model.lora_merged else ""
+    print(f"quantization {cfg.language.quantization}; dtype {cfg.language.dtype}; LoRA rank {cfg.language.lora_r}{merged}")
     for name, module in (("vision", model.vision), ("projector", model.projector), ("language", model.llm)):
         n = sum(p.numel() for p in module.parameters())
         t = sum(p.numel() for p in module.parameters() if p.requires_grad)

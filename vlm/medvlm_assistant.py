@@ -30,7 +30,8 @@ class MedVLMAssistant(Assistant):
     @classmethod
     def from_reference(cls, reference: str, device: str = "cpu", prompt_style: str = "ours",
                        **options) -> "MedVLMAssistant":
-        """Load a checkpoint (`demo` or a folder); options: dtype, quantization (LanguageConfig overrides)."""
+        """Load a checkpoint (`demo` or a folder) for inference, its LoRA adapter merged into the LLM's
+        weights (faster; see MedVLM.build); options: dtype, quantization (LanguageConfig overrides)."""
         from vlm.model import MedVLM
         from vlm.sources import resolve
 
@@ -38,7 +39,8 @@ class MedVLMAssistant(Assistant):
         if unknown:
             raise ConfigError(f"{', '.join(sorted(unknown))}: not an option of medvlm checkpoints "
                               "(they take --dtype and --quantization).")
-        model = MedVLM.from_pretrained(reference, device=device, **{k: v for k, v in options.items() if v is not None})
+        model = MedVLM.from_pretrained(reference, device=device, merge_lora=True,
+                                       **{k: v for k, v in options.items() if v is not None})
         return cls(model.eval(), reference, prompt_style, folder=Path(resolve(reference).location))
 
     def generate(self, conversations, images, gen: GenerationConfig = GenerationConfig()) -> list[str]:
@@ -71,4 +73,5 @@ class MedVLMAssistant(Assistant):
         return {"backend": self.backend, "model": self.reference, "model_type": "medvlm",
                 "revision": folder_digest(self.folder) if self.folder else None,
                 "language": cfg.language.source, "dtype": cfg.language.dtype,
-                "quantization": cfg.language.quantization, "system_prompt": cfg.system_prompt}
+                "quantization": cfg.language.quantization, "lora_rank": cfg.language.lora_r,
+                "lora_merged": self.model.lora_merged, "system_prompt": cfg.system_prompt}

@@ -155,13 +155,15 @@ def load_assistant_from_args(args, concurrency: int | None = None):
 
 
 def load_model_from_args(args):
-    """A medvlm checkpoint (MedVLM) for the commands that look inside one (info, image-use probes)."""
+    """A medvlm checkpoint (MedVLM) for the commands that look inside one (info, bench serving), loaded
+    for inference: its LoRA adapter merged into the LLM's weights (see MedVLM.build)."""
     from vlm.model import MedVLM
     from vlm.sources import model_kind
 
     if model_kind(args.model) != "medvlm":
         raise ConfigError(f"--model {args.model}: this command needs a medvlm checkpoint (demo or a folder).")
-    return MedVLM.from_pretrained(args.model, device=pick_device(args.device), **collect(args, LanguageConfig, LANGUAGE_OVERRIDES))
+    return MedVLM.from_pretrained(args.model, device=pick_device(args.device), merge_lora=True,
+                                  **collect(args, LanguageConfig, LANGUAGE_OVERRIDES))
 
 
 def pick_device(requested: str | None) -> str:
