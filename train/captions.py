@@ -30,7 +30,7 @@ def write_label_captions(labels_csv: str | Path, split: str, out_jsonl: str | Pa
         joined = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else "".join(names)
         text = template.format(finding=joined) if names else normal
         lines.append(json.dumps({"image": str(image.resolve()), "text": text}))
-    return _write_lines(Path(out_jsonl), lines)
+    return write_lines(Path(out_jsonl), lines)
 
 
 def write_vqa_rad_captions(trainset_json: str | Path, out_jsonl: str | Path, images_dir: str | Path | None = None,
@@ -46,7 +46,7 @@ def write_vqa_rad_captions(trainset_json: str | Path, out_jsonl: str | Path, ima
         modality = top_vote(votes[name])
         phrase = MODALITY_PHRASE[modality] if modality else "a radiology image"
         lines.append(json.dumps({"image": str((images / name).resolve()), "text": f"{phrase} of the {organs[name]}."}))
-    return _write_lines(Path(out_jsonl), lines)
+    return write_lines(Path(out_jsonl), lines)
 
 
 def organs_and_modality_votes(qas: list[dict]) -> tuple[dict[str, str], dict[str, Counter]]:
@@ -101,8 +101,9 @@ def write_clip_data(nih: str | Path, vqa_rad: str | Path, out: str | Path, slice
         extra = Path(slices) / "clip_train.jsonl"
         if not extra.is_file():
             raise DataError(f"--slices {slices}: no clip_train.jsonl (write it with `medvlm train slice-data`).")
-        counts["slices_train"] = len(extra.read_text().splitlines())
-        lines += extra.read_text()
+        text = extra.read_text()
+        counts["slices_train"] = len(text.splitlines())
+        lines += text
     (out / "train.jsonl").write_text(lines)
     counts["train"] = len(lines.splitlines())
     return counts
@@ -176,7 +177,7 @@ def write_json_list(path: Path, records: list[dict]) -> int:
     return len(records)
 
 
-def _write_lines(path: Path, lines: list[str]) -> int:
+def write_lines(path: Path, lines: list[str]) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(line + "\n" for line in lines))
     return len(lines)

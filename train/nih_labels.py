@@ -28,7 +28,6 @@ def write_carved_split(source: Path, out: Path, count: int, seed: int = 0) -> di
     if not 0 < count < len(train_patients):
         raise InputError(f"--carve-val must be between 1 and {len(train_patients) - 1} "
                          f"(the train patients of {labels}), got {count}.")
-    check_copy_target(source, out)
     carved = set(train_patients[:count])
     for r in rows:
         if r["split"] == "train" and r["patient_id"] in carved:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from train.captions import MODALITY_PHRASE, keyed_rng, question_answer_turns, write_json_list
+from train.captions import MODALITY_PHRASE, keyed_rng, question_answer_turns, write_json_list, write_lines
 from train.grounding import grounding_turns
 from vlm.datasets import DataError
 
@@ -232,10 +232,11 @@ def write_slice_data(volumes: list[Volume], out: str | Path, step: int = 2, augm
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     conversations, captions, questions, counts = [], [], [], {}
+    anatomy = {(v.name, plane): anatomy_positions(v, plane) for v in volumes for plane in PLANES}
     jobs = [(v, plane) for v in volumes for plane in PLANES]
     for volume, plane in tqdm(jobs, desc="slicing", unit="plane", disable=not progress):
         windows = list(CT_WINDOWS) if volume.modality == "CT" else [None]
-        split = split_positions(anatomy_positions(volume, plane), step)
+        split = split_positions(anatomy[volume.name, plane], step)
         for index in split["train"]:
             for copy in range(augmentations):
                 rng = keyed_rng(f"{seed}:{volume.name}:{plane}:{index}:{copy}")
@@ -256,21 +257,24 @@ def write_slice_data(volumes: list[Volume], out: str | Path, step: int = 2, augm
                 questions += val_questions(f"images/{name}", attributes_of(volume, plane, window))
         counts[f"{volume.name} {plane}"] = len(split["train"]) * augmentations
         counts[f"{volume.name} {plane} val"] = len(split["val"]) * len(windows)
-    contact_sheet(volumes).save(out / "contact_sheet.png")
+    contact_sheet(volumes, anatomy).save(out / "contact_sheet.png")
     write_json_list(out / "train.json", conversations)
-    (out / "clip_train.jsonl").write_text("".join(c + "\n" for c in captions))
-    (out / "val.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    write_lines(out / "clip_train.jsonl", captions)
+    write_lines(out / "val.jsonl", [json.dumps(q) for q in questions])
     counts.update(train_images=len(conversations), val_questions=len(questions))
     (out / "manifest.json").write_text(json.dumps({"counts": counts, "step": step, "augmentations": augmentations,
                                                    "seed": seed, "heldout_band": HELDOUT_BAND, "gap": GAP}, indent=1))
     return counts
 
 
-def contact_sheet(volumes: list[Volume], side: int = 160) -> Image.Image:
-    """One row per volume: its middle slice in each plane (a CT in each window), as written."""
-    rows = [[render(v, plane, positions[len(positions) // 2], window)
-             for plane in PLANES for positions in [anatomy_positions(v, plane)]
-             for window in (list(CT_WINDOWS) if v.modality == "CT" else [None])] for v in volumes]
+def contact_sheet(volumes: list[Volume], anatomy: dict[tuple[str, str], list[int]] | None = None,
+                  side: int = 160) -> Image.Image:
+    """One row per volume: its middle slice in each plane (a CT in each window), as written.
+    `anatomy`: anatomy_positions per (volume name, plane), when already computed."""
+    anatomy = anatomy or {(v.name, plane): anatomy_positions(v, plane) for v in volumes for plane in PLANES}
+    rows = [[render(v, plane, anatomy[v.name, plane][len(anatomy[v.name, plane]) // 2], window)
+             for plane in PLANES for window in (list(CT_WINDOWS) if v.modality == "CT" else [None])]
+            for v in volumes]
     sheet = Image.new("L", (side * max(len(r) for r in rows), side * len(rows)))
     for y, row in enumerate(rows):
         for x, image in enumerate(row):
