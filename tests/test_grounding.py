@@ -76,6 +76,27 @@ def test_open_questions_add_one_turn_per_attribute_answered_by_its_value():
         assert all(q in OPEN[key] for (q, a) in open_turns for key, value in truth.items() if a == value)
 
 
+def test_listed_questions_name_every_option_in_varied_orders_and_parse_as_the_val_set_does():
+    from train.volumes import VAL_QUESTIONS
+
+    truth = {"modality": "CT", "organ": "head", "plane": "sagittal", "window": "soft tissue"}
+    orders = Counter()
+    for seed in range(60):
+        plain = grounding_turns(truth, random.Random(seed))
+        turns = grounding_turns(truth, random.Random(seed), listed_questions=True)
+        listed = [(q, a) for q, a in turns if len(closed_options(q)) == 3]
+        assert len(turns) == len(plain) + 4 and len(listed) == 4
+        for question, answer in listed:
+            assert answer in truth.values() and closed_strict(answer, answer, closed_options(question))
+            orders[question] += 1
+    # the val set's questions, whose options eval reads the same way, are among the shuffled orders
+    assert all(sorted(closed_options(q)) in [sorted(closed_options(o)) for o in orders] for q in VAL_QUESTIONS.values())
+    assert len(orders) > 12
+    # a plane outside the three cross-sectional ones (a PA chest film) gets no listed plane question
+    pa = grounding_turns({"plane": "PA"}, random.Random(0), listed_questions=True)
+    assert not any(len(closed_options(q)) == 3 for q, _ in pa)
+
+
 def test_false_values_come_from_the_attributes_own_choices():
     seen = Counter()
     rng = random.Random(1)

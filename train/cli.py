@@ -78,6 +78,9 @@ def add_commands(sub) -> None:
     slices.add_argument("--augmentations", type=int, default=1,
                         help="augmented copies of each training position (default 1); held-out slices are not augmented")
     slices.add_argument("--seed", type=int, default=0, help="the augmentations' and questions' seed (default 0)")
+    slices.add_argument("--listed-questions", action="store_true",
+                        help="add a question naming every option of each attribute (\"Is this a CT, an MRI or an "
+                             "x-ray?\", options shuffled), the form the held-out questions take; off by default")
     slices.set_defaults(run=run_slice_data)
     add_export_command(sub)
     carve = stages.add_parser("nih-split", help="copy the NIH labels with some train patients moved to val "
@@ -110,6 +113,9 @@ def add_commands(sub) -> None:
     both.add_argument("--grounding-open", action="store_true",
                       help="add an open question per attribute to each grounding conversation (\"What imaging "
                            "modality is this?\" -> CT); off by default, as in the shipped model's recipe")
+    both.add_argument("--grounding-listed", action="store_true",
+                      help="add a question naming every option of each attribute (\"Is this a CT, an MRI or an "
+                           "x-ray?\") to each grounding conversation; off by default")
     both.add_argument("--slices", help="a folder from `train slice-data`: its grounding conversations join train.json")
     both.add_argument("--slice-repeats", type=int, default=1,
                       help="copies of each slice grounding conversation in train.json (default 1)")
@@ -155,7 +161,8 @@ def run_instruct_data(args) -> int:
         repeats = args.vqa_rad_repeats if split == "train" else 1
         nih_repeats = args.nih_repeats if split == "train" else 1
         grounding = grounding_conversations(trainset, buckets=(split,), repeats=args.grounding_repeats,
-                                            open_questions=args.grounding_open) \
+                                            open_questions=args.grounding_open,
+                                            listed_questions=args.grounding_listed) \
             if split == "train" else []
         slices = _numbered_copies([slice_grounding] * args.slice_repeats) if split == "train" else []
         questions = _numbered_copies([vqa] * repeats) + grounding + slices
@@ -209,7 +216,8 @@ def run_slice_data(args) -> int:
     names = [v.name for v in volumes]
     if len(set(names)) != len(names):
         raise ConfigError(f"two volumes would share a name ({', '.join(names)}); give each file once.")
-    counts = write_slice_data(volumes, args.out, step=args.step, augmentations=args.augmentations, seed=args.seed)
+    counts = write_slice_data(volumes, args.out, step=args.step, augmentations=args.augmentations, seed=args.seed,
+                              listed_questions=args.listed_questions)
     print(", ".join(f"{k}: {v}" for k, v in counts.items()) + f" -> {args.out}")
     return 0
 

@@ -38,6 +38,14 @@ YES_NO = {
 CHOICES = {"modality": list(MODALITIES), "organ": list(ORGANS), "plane": list(PLANES), "window": list(WINDOWS)}
 EITHER_OR = {"modality": "Is this {a} or {b}?", "plane": "Is this {a} or {b} image?",
              "window": "Is this CT in {a} or {b}?"}
+# Questions that name every option of an attribute ("Is this a CT, an MRI or an x-ray?"), the form of
+# the out-of-source validation set (train/volumes.py VAL_QUESTIONS). Version 6's first run, trained
+# without them, answered every such plane question "coronal" and every window question "bone".
+# {options} is the shuffled list with articles; the noun after it (image, window) is shared.
+LIST_OPTIONS = {"modality": list(MODALITIES), "organ": list(ORGANS), "plane": ["axial", "coronal", "sagittal"],
+                "window": list(WINDOWS)}
+LISTED = {"modality": "Is this {options}?", "organ": "Is this an image of {options}?",
+          "plane": "Is this {options} image?", "window": "Is this CT shown in {options} window?"}
 # Open questions name the attribute in the answer. VQA-RAD's train bucket has only a handful of open
 # modality questions, and the mixed instruct run of docs/demo-model-history.md ("Tried and not shipped") answered
 # the held-out CT's "What imaging modality is this?" with "X-ray" while it said "CT" to three other
@@ -86,15 +94,18 @@ def image_attributes(qas: list[dict]) -> dict[str, dict[str, str]]:
     return attributes
 
 
-def grounding_turns(attributes: dict[str, str], rng: random.Random, open_questions: bool = False
-                    ) -> list[tuple[str, str]]:
+def grounding_turns(attributes: dict[str, str], rng: random.Random, open_questions: bool = False,
+                    listed_questions: bool = False) -> list[tuple[str, str]]:
     """(question, answer) pairs for one image, in a random order: a yes/no question per attribute,
-    true or false with even odds, an either-or question when the image has a modality or plane, and
-    with `open_questions` an open question per attribute answered by its value."""
+    true or false with even odds, an either-or question when the image has a modality or plane, with
+    `open_questions` an open question per attribute answered by its value, and with `listed_questions`
+    a question naming all of the attribute's options in a shuffled order (when the value is one of them)."""
     turns = []
     for key, truth in attributes.items():
         if open_questions:
             turns.append((rng.choice(OPEN[key]), truth))
+        if listed_questions and truth in LIST_OPTIONS[key]:
+            turns.append((LISTED[key].format(options=_listed(key, LIST_OPTIONS[key], rng)), truth))
         asked = truth if rng.random() < 0.5 else rng.choice([v for v in CHOICES[key] if v != truth])
         turns.append((rng.choice(YES_NO[key]).format(a=_with_article(key, asked), name=_word(key, asked, rng)),
                       "yes" if asked == truth else "no"))
@@ -107,7 +118,8 @@ def grounding_turns(attributes: dict[str, str], rng: random.Random, open_questio
 
 
 def grounding_conversations(trainset_json: str | Path, buckets: tuple[str, ...] = ("train",), repeats: int = 1,
-                            seed: int = 0, open_questions: bool = False) -> list[dict]:
+                            seed: int = 0, open_questions: bool = False, listed_questions: bool = False
+                            ) -> list[dict]:
     """`repeats` grounding conversations per VQA-RAD image of `buckets` that has any attribute, as
     LLaVA records; each repeat draws its questions anew, from a seeded RNG keyed by image and repeat."""
 
@@ -118,7 +130,7 @@ def grounding_conversations(trainset_json: str | Path, buckets: tuple[str, ...] 
             continue
         for copy in range(repeats):
             rng = keyed_rng(f"{seed}:{name}:{copy}")
-            turns = question_answer_turns(grounding_turns(attributes, rng, open_questions))
+            turns = question_answer_turns(grounding_turns(attributes, rng, open_questions, listed_questions))
             records.append({"id": f"{name}-grounding{copy}", "image": str((path.parent / "images" / name).resolve()),
                             "conversations": turns})
     return records
@@ -128,6 +140,14 @@ def _with_article(key: str, value: str) -> str:
     if key == "window":
         return f"a {value} window"
     return MODALITIES[value] if key == "modality" else PLANES[value] if key == "plane" else f"the {value}"
+
+
+def _listed(key: str, options: list[str], rng: random.Random) -> str:
+    """"a CT, an MRI or an x-ray": the options in a shuffled order, each with its article (a window's
+    noun comes once, after the list)."""
+    options = rng.sample(options, len(options))
+    words = [f"a {o}" if key == "window" else _with_article(key, o) for o in options]
+    return ", ".join(words[:-1]) + " or " + words[-1]
 
 
 def _word(key: str, value: str, rng: random.Random) -> str:

@@ -216,7 +216,8 @@ def val_questions(image: str, attributes: dict[str, str]) -> list[dict]:
 
 
 def write_slice_data(volumes: list[Volume], out: str | Path, step: int = 2, augmentations: int = 1,
-                     seed: int = 0, open_questions: bool = True, progress: bool = True) -> dict[str, int]:
+                     seed: int = 0, open_questions: bool = True, listed_questions: bool = False,
+                     progress: bool = True) -> dict[str, int]:
     """Slices of `volumes` -> OUT/images/*.png and
     - OUT/train.json: one grounding conversation per training image (train/grounding.py's questions,
       with the CT window as a fourth attribute), for `medvlm train instruct-data --slices OUT`;
@@ -245,7 +246,7 @@ def write_slice_data(volumes: list[Volume], out: str | Path, step: int = 2, augm
                 augment(render(volume, plane, index, window), rng).save(out / "images" / name)
                 attributes = attributes_of(volume, plane, window)
                 path = str((out / "images" / name).resolve())
-                turns = grounding_turns(attributes, rng, open_questions)
+                turns = grounding_turns(attributes, rng, open_questions, listed_questions)
                 conversations.append({"id": Path(name).stem + "-grounding", "image": path,
                                       "conversations": question_answer_turns(turns)})
                 captions.append(json.dumps({"image": path, "text": caption(attributes)}))
