@@ -42,8 +42,7 @@ EITHER_OR = {"modality": "Is this {a} or {b}?", "plane": "Is this {a} or {b} ima
 # the out-of-source validation set (train/volumes.py VAL_QUESTIONS). Version 6's first run, trained
 # without them, answered every such plane question "coronal" and every window question "bone".
 # {options} is the shuffled list with articles; the noun after it (image, window) is shared.
-LIST_OPTIONS = {"modality": list(MODALITIES), "organ": list(ORGANS), "plane": ["axial", "coronal", "sagittal"],
-                "window": list(WINDOWS)}
+LIST_OPTIONS = dict(CHOICES, plane=["axial", "coronal", "sagittal"])  # a film's PA/AP gets no listed question
 LISTED = {"modality": "Is this {options}?", "organ": "Is this an image of {options}?",
           "plane": "Is this {options} image?", "window": "Is this CT shown in {options} window?"}
 # Open questions name the attribute in the answer. VQA-RAD's train bucket has only a handful of open
@@ -105,7 +104,7 @@ def grounding_turns(attributes: dict[str, str], rng: random.Random, open_questio
         if open_questions:
             turns.append((rng.choice(OPEN[key]), truth))
         if listed_questions and truth in LIST_OPTIONS[key]:
-            turns.append((LISTED[key].format(options=_listed(key, LIST_OPTIONS[key], rng)), truth))
+            turns.append((LISTED[key].format(options=_listed(key, rng)), truth))
         asked = truth if rng.random() < 0.5 else rng.choice([v for v in CHOICES[key] if v != truth])
         turns.append((rng.choice(YES_NO[key]).format(a=_with_article(key, asked), name=_word(key, asked, rng)),
                       "yes" if asked == truth else "no"))
@@ -142,10 +141,10 @@ def _with_article(key: str, value: str) -> str:
     return MODALITIES[value] if key == "modality" else PLANES[value] if key == "plane" else f"the {value}"
 
 
-def _listed(key: str, options: list[str], rng: random.Random) -> str:
-    """"a CT, an MRI or an x-ray": the options in a shuffled order, each with its article (a window's
-    noun comes once, after the list)."""
-    options = rng.sample(options, len(options))
+def _listed(key: str, rng: random.Random) -> str:
+    """"a CT, an MRI or an x-ray": the attribute's LIST_OPTIONS in a shuffled order, each with its
+    article (a window's noun comes once, after the list)."""
+    options = rng.sample(LIST_OPTIONS[key], len(LIST_OPTIONS[key]))
     words = [f"a {o}" if key == "window" else _with_article(key, o) for o in options]
     return ", ".join(words[:-1]) + " or " + words[-1]
 
