@@ -66,34 +66,19 @@ def chat_reply(model, image, new_tokens: int) -> dict:
 
 @torch.no_grad()
 def fixed_decode(model, image, new_tokens: int) -> dict:
-    """Exactly `new_tokens` greedy tokens at batch 1 after the chat prompt, with the repetition guard
-    and the stop tokens barred (the demo answers in a few tokens; a decode rate needs more), through
-    the same LLM calls as vlm.generation.decode_steps: the tokens after the first one per second."""
-    from vlm.generation import GenerationConfig, RepetitionGuard, stop_token_ids
+    """Exactly `new_tokens` guarded greedy tokens at batch 1 after the chat prompt, the stop tokens
+    barred (`min_new_tokens`: the demo answers in a few tokens; a decode rate needs more): the
+    tokens after the first one per second."""
+    from vlm.generation import GenerationConfig, decode_steps
 
-    stops = sorted(stop_token_ids(model))
     messages = model.processor.with_markers([{"role": "user", "content": QUESTION}], 1)
     batch = model.processor.generation_batch([messages], [[image]])
-    guard = RepetitionGuard(GenerationConfig(max_new_tokens=new_tokens).guarded(), 1)
-    done = torch.zeros(1, dtype=torch.bool)
-    mask = batch.attention_mask
-    out = model(batch.input_ids, mask, batch.pixel_values, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                use_cache=True)
+    gen = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens).guarded()
     ids, first = [], None
-    for _ in range(new_tokens):
-        logits = guard(out.logits[:, -1, :].float())
-        logits[:, stops] = float("-inf")
-        token = logits.argmax(-1)
-        guard.add(token, done)
+    for token in decode_steps(model, batch, gen):
         ids.append(int(token[0]))
         if first is None:
             first = time.perf_counter()
-        if len(ids) == new_tokens:
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model.llm(input_ids=token[:, None].to(mask.device), attention_mask=mask,
-                        position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, -1:], past_key_values=out.past_key_values,
-                        use_cache=True)
     seconds = time.perf_counter() - first
     return {"tokens_per_s": (len(ids) - 1) / seconds if len(ids) > 1 else None, "ids": ids}
 

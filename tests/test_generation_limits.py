@@ -13,7 +13,7 @@ from PIL import Image
 import vlm.generation as generation
 from serve.engine import Engine
 from tests.serve_fixtures import ANSWER, png_bytes
-from vlm.errors import InputError
+from vlm.errors import ConfigError, InputError
 from vlm.generation import GenerationConfig, TextStream, cache_bytes, context_length, generate
 
 WHAT = [{"role": "user", "content": "<image>\nWhat is this?"}]
@@ -106,6 +106,24 @@ def test_the_repetition_guard_stops_loops_and_is_off_unless_asked(tiny_model):
     assert GenerationConfig().repetition_penalty == 1.0 and GenerationConfig().no_repeat_ngram_size == 0
     chat = GenerationConfig().guarded()
     assert chat.repetition_penalty > 1.0 and chat.no_repeat_ngram_size > 0
+
+
+def test_min_new_tokens_bars_the_stop_tokens_for_that_many_tokens(taught_model):
+    """The taught model answers in a few tokens and stops; with min_new_tokens it goes on to exactly
+    that many, none of them a stop token (what `bench lora-merge` times a decode rate with)."""
+    stops = generation.stop_token_ids(taught_model)
+    batch = taught_model.processor.generation_batch([taught_model.processor.with_markers(WHAT, 1)], [[image()]])
+
+    def ids(gen):
+        return [int(t[0]) for t in generation.decode_steps(taught_model, batch, gen)]
+
+    plain = ids(GenerationConfig(max_new_tokens=24))
+    assert len(plain) < 24 and plain[-1] in stops
+    forced = ids(GenerationConfig(max_new_tokens=24, min_new_tokens=24))
+    assert len(forced) == 24 and not stops & set(forced)
+    assert forced[:len(plain) - 1] == plain[:-1]  # the same greedy tokens until the stop would come
+    with pytest.raises(ConfigError):
+        GenerationConfig(max_new_tokens=4, min_new_tokens=5)
 
 
 def test_repetition_penalty_lowers_the_logits_of_tokens_already_in_the_reply():

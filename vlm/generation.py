@@ -34,6 +34,9 @@ class GenerationConfig:
     """Divides the logits of tokens already generated in this reply (>1 discourages repeats; 1 is off)."""
     no_repeat_ngram_size: int = 0
     """Forbid any n-gram of this many tokens from appearing twice in one reply (0 is off)."""
+    min_new_tokens: int = 0
+    """Bar the stop tokens for this many first tokens (0 is off): a benchmark that times a fixed
+    number of tokens sets it to max_new_tokens."""
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -46,6 +49,8 @@ class GenerationConfig:
             raise ConfigError("repetition_penalty must be between 1 and 10 and no_repeat_ngram_size at least 0.")
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
             raise ConfigError("stop must be a tuple of non-empty strings.")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ConfigError("min_new_tokens must be between 0 and max_new_tokens.")
 
     def guarded(self) -> "GenerationConfig":
         """This config with the repetition guard that chat and report drafting use by default
@@ -172,14 +177,17 @@ def decode_steps(model, batch: Batch, gen: GenerationConfig, session: Conversati
         session.update(ids, out.past_key_values, key)
     guard = RepetitionGuard(gen, ids.shape[0])
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    for _ in range(gen.max_new_tokens):
-        token = _choose(guard(out.logits[:, -1, :].float()), gen, generator)
+    for step in range(gen.max_new_tokens):
+        logits = guard(out.logits[:, -1, :].float())
+        if step < gen.min_new_tokens:
+            logits[:, stops] = float("-inf")
+        token = _choose(logits, gen, generator)
         token = token.masked_fill(finished, model.tokenizer.pad_token_id)
         guard.add(token, finished)
         yield token
         finished |= torch.isin(token, stops)
-        if bool(finished.all()):
-            return
+        if bool(finished.all()) or step == gen.max_new_tokens - 1:
+            return  # (the last step's token needs no forward pass after it)
         ids = torch.cat([ids, token[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         if gen.use_cache:
